@@ -1,0 +1,3 @@
+from minilb.cli import main
+
+main()

@@ -82,6 +82,12 @@ def inspect(body: bytes, *, generate: bool) -> RequestInfo:
     """Validate the fields minilb reads; raise BadRequest naming the field otherwise."""
     if not body.strip():
         raise BadRequest("request body is empty; expected a JSON object")
+    if not body.isascii():
+        # msgspec skips the strings it does not decode; make sure they are UTF-8 too.
+        try:
+            body.decode()
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"request body is not valid UTF-8 at byte {exc.start}") from None
     try:
         if not generate:
             oview = _openai_decoder.decode(body)

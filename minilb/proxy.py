@@ -198,19 +198,26 @@ class PDProxy:
                     metas = logprobs.prefill_stream_metas(await _wait(prefill_task))
                     merger = logprobs.EventMerger(metas)
                 out_headers.append((b"cache-control", b"no-cache"))
-                await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
-                started = True
+                start = {"type": "http.response.start", "status": response.status_code, "headers": out_headers}
                 stream = response.stream
                 assert isinstance(stream, httpx.AsyncByteStream)
+                # The client's response starts with the decode's first event, not its
+                # headers: a failure before then is still answered as a plain error.
                 async for chunk in stream:
                     if merger is not None:
                         chunk = merger.feed(chunk)
                         if not chunk:
                             continue
+                    if not started:
+                        await send(start)
+                        started = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 tail = merger.flush() if merger is not None else b""
                 await _wait(prefill_task)
                 exchange.finished = True
+                if not started:
+                    await send(start)
+                    started = True
                 await send({"type": "http.response.body", "body": tail})
         except asyncio.CancelledError:
             if exchange.reason is None:

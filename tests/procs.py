@@ -142,3 +142,38 @@ def start_sim(
         f"simulator {role} on port {port} did not become ready within {READY_TIMEOUT} s "
         f"(exit code {popen.returncode}); output:\n{text}"
     )
+
+
+# -- a small PD client for simulator tests (deliberately not minilb's code) --
+
+
+def pd_fields(prefill: SimProc, room: int | None) -> dict[str, Any]:
+    """The three bootstrap fields that pair a request with `prefill`."""
+    return {"bootstrap_host": "127.0.0.1", "bootstrap_port": prefill.bootstrap_port,
+            "bootstrap_room": room}
+
+
+def post(url: str, body: dict[str, Any], *, timeout: float = 10.0) -> httpx.Response:
+    """POST a JSON body and read the whole response."""
+    return httpx.post(url, json=body, timeout=timeout)
+
+
+def post_both(
+    prefill_url: str, decode_url: str, body: dict[str, Any], *, timeout: float = 10.0
+) -> tuple[httpx.Response, httpx.Response]:
+    """Send the same body to a prefill and a decode at the same time (as a PD balancer must)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        p = pool.submit(post, prefill_url, body, timeout=timeout)
+        d = pool.submit(post, decode_url, body, timeout=timeout)
+        return p.result(), d.result()
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    """The data payloads of a text/event-stream body, `[DONE]` included."""
+    return [
+        block[len("data: "):]
+        for block in response.text.split("\n\n")
+        if block.startswith("data: ")
+    ]

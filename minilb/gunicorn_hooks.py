@@ -1,4 +1,4 @@
-"""Gunicorn server hooks; `gunicorn.conf.py` and `minilb serve` both use them.
+"""Gunicorn server hooks and worker class; `gunicorn.conf.py` and `minilb serve` use them.
 
 The one module-level variable here is the hand-off across fork: the master
 creates the shared state in `on_starting`, and every worker forked later,
@@ -7,20 +7,46 @@ first or replacement, finds it in its copy of this module.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
+import sys
 from typing import Any
 
+from gunicorn.arbiter import Arbiter
+from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from minilb.shared import SharedState
 
 _inherited: SharedState | None = None
 
+# How long a retiring worker keeps reading connections it had already accepted.
+_DRAIN_SECONDS = 0.25
+
+
+class _DrainingServer(Server):
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        # A connection accepted just before the signal may hold a request that was not
+        # read yet; uvicorn would close it as idle and the client would see a reset.
+        await asyncio.sleep(_DRAIN_SECONDS)
+        await super().shutdown(sockets)
+
 
 class Worker(UvicornWorker):  # type: ignore[misc]
-    """uvicorn's worker with the fast loop and parser chosen explicitly."""
+    """uvicorn's worker with uvloop and httptools, and a shutdown that drops no request."""
 
     CONFIG_KWARGS = {"loop": "uvloop", "http": "httptools", "lifespan": "on"}
+
+    async def _serve(self) -> None:
+        self.config.app = self.wsgi
+        server = _DrainingServer(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
 
 def inherited_state() -> SharedState | None:

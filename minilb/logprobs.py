@@ -6,6 +6,7 @@ are pure: they take decoded JSON values and SSE bytes and return new ones.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import msgspec
@@ -58,10 +59,8 @@ def sse_data(body: bytes) -> list[Any]:
             if line.startswith(b"data:"):
                 payload = line[5:].strip()
                 if payload and payload != b"[DONE]":
-                    try:
+                    with contextlib.suppress(msgspec.DecodeError):
                         values.append(_decoder.decode(payload))
-                    except msgspec.DecodeError:
-                        pass
     return values
 
 

@@ -80,7 +80,7 @@ def _batch_size(raw: msgspec.Raw, field: str) -> int | None:
 
 def inspect(body: bytes, *, generate: bool) -> RequestInfo:
     """Validate the fields minilb reads; raise BadRequest naming the field otherwise."""
-    if not body.strip():
+    if not body or body.isspace():
         raise BadRequest("request body is empty; expected a JSON object")
     if not body.isascii():
         # msgspec skips the strings it does not decode; make sure they are UTF-8 too.

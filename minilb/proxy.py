@@ -28,7 +28,7 @@ from minilb.errors import (
 )
 from minilb.patch import RequestInfo, encode_fields, inject
 from minilb.policy import Selector
-from minilb.responses import send_error
+from minilb.responses import send_bytes, send_error
 from minilb.servers import Server, ServerSet
 from minilb.types import Headers, Receive, Scope, Send
 
@@ -65,12 +65,9 @@ def _upstream_message(body: bytes) -> str:
         return body[:500].decode("utf-8", "replace").strip()
     if isinstance(value, dict):
         inner = value.get("error")
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return inner["message"]
-        if isinstance(inner, str):
-            return inner
-        if isinstance(value.get("message"), str):
-            return str(value["message"])
+        for candidate in (inner.get("message") if isinstance(inner, dict) else inner, value.get("message")):
+            if isinstance(candidate, str):
+                return candidate
     return body[:500].decode("utf-8", "replace").strip()
 
 
@@ -166,9 +163,8 @@ class PDProxy:
                 error = exc if isinstance(exc, HTTPError) else UpstreamFailed(str(exc))
                 exchange.interrupt("prefill", error)
 
-        prefill_task = loop.create_task(
-            self._prefill(httpx.Request("POST", prefill.urls[path], headers=headers, content=payload), prefill)
-        )
+        prefill_request = httpx.Request("POST", prefill.urls[path], headers=headers, content=payload)
+        prefill_task = loop.create_task(self._prefill(prefill_request, prefill))
         prefill_task.add_done_callback(on_prefill_done)
         watcher = loop.create_task(_watch_disconnect(receive, exchange))
         decode_request = httpx.Request("POST", decode.urls[path], headers=headers, content=payload)
@@ -190,15 +186,18 @@ class PDProxy:
                     if info.return_logprob:
                         answer = logprobs.merge_json(answer, prefill_body)
                     exchange.finished = True
-                    await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
-                    await send({"type": "http.response.body", "body": answer})
+                    await send_bytes(send, response.status_code, answer, out_headers)
                     return
                 merger = None
                 if info.return_logprob:
                     metas = logprobs.prefill_stream_metas(await _wait(prefill_task))
                     merger = logprobs.EventMerger(metas)
                 out_headers.append((b"cache-control", b"no-cache"))
-                start = {"type": "http.response.start", "status": response.status_code, "headers": out_headers}
+                start = {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": out_headers,
+                }
                 stream = response.stream
                 assert isinstance(stream, httpx.AsyncByteStream)
                 # The client's response starts with the decode's first event, not its

@@ -14,6 +14,7 @@ upstream server wait instead of making minilb buffer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import deque
 from collections.abc import AsyncIterator
@@ -56,10 +57,8 @@ class _Connection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
@@ -152,10 +151,9 @@ class _Connection(asyncio.Protocol):
         """Give the connection back to the pool when the response ended cleanly, else close."""
         head, self._head = self._head, None
         if head is not None and self._complete and self._keep_alive and not self.closed:
-            if self._error is None:
-                self._pool.release(self)
-                return
-        self.abort()
+            self._pool.release(self)
+        else:
+            self.abort()
 
     def abort(self) -> None:
         self._head = None

@@ -112,9 +112,9 @@ def start_balancer(config: Config, *, mode: Mode = "uvicorn", workers: int = 1) 
         if popen.poll() is not None:
             break
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{lb.url}/health", timeout=1.0).status_code == 200:
-                if mode == "uvicorn" or len(lb.workers()) >= workers:
-                    return lb
+            healthy = httpx.get(f"{lb.url}/health", timeout=1.0).status_code == 200
+            if healthy and (mode == "uvicorn" or len(lb.workers()) >= workers):
+                return lb
         time.sleep(0.1)
     text = lb.output()
     lb.stop()

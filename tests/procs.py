@@ -25,16 +25,7 @@ STOP_TIMEOUT = 5.0
 
 
 def _sim_command() -> list[str]:
-    """`python -m minilb sim`, or `python -m minilb.sim` while `sim` is minilb's only command.
-
-    Typer runs a lone command as the whole program, so `minilb sim` then
-    rejects the word `sim`; both forms run the same function.
-    """
-    from minilb.cli import cli
-
-    if len(cli.registered_commands) > 1 or cli.registered_callback is not None:
-        return [sys.executable, "-m", "minilb", "sim"]
-    return [sys.executable, "-m", "minilb.sim"]
+    return [sys.executable, "-m", "minilb", "sim"]
 
 
 def free_port() -> int:
@@ -114,8 +105,14 @@ def start_sim(
         bootstrap_port = free_port()
     args = [
         *_sim_command(),
-        "--role", role, "--host", "127.0.0.1", "--port", str(port),
-        "--pair-timeout", str(pair_timeout),
+        "--role",
+        role,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--pair-timeout",
+        str(pair_timeout),
     ]
     if bootstrap_port is not None:
         args += ["--bootstrap-port", str(bootstrap_port)]
@@ -149,8 +146,11 @@ def start_sim(
 
 def pd_fields(prefill: SimProc, room: int | None) -> dict[str, Any]:
     """The three bootstrap fields that pair a request with `prefill`."""
-    return {"bootstrap_host": "127.0.0.1", "bootstrap_port": prefill.bootstrap_port,
-            "bootstrap_room": room}
+    return {
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": prefill.bootstrap_port,
+        "bootstrap_room": room,
+    }
 
 
 def post(url: str, body: dict[str, Any], *, timeout: float = 10.0) -> httpx.Response:
@@ -173,7 +173,7 @@ def post_both(
 def sse_events(response: httpx.Response) -> list[str]:
     """The data payloads of a text/event-stream body, `[DONE]` included."""
     return [
-        block[len("data: "):]
+        block[len("data: ") :]
         for block in response.text.split("\n\n")
         if block.startswith("data: ")
     ]

@@ -55,8 +55,14 @@ class SimApp:
         prefill = config.role == "prefill"
         self.registry = RoomRegistry(identity) if prefill else None
         self.client = None if prefill else BootstrapClient(identity)
-        self.generator = Generator(config, self.stats, self.knobs, registry=self.registry,
-                                   client=self.client, rng=rng or random.Random())
+        self.generator = Generator(
+            config,
+            self.stats,
+            self.knobs,
+            registry=self.registry,
+            client=self.client,
+            rng=rng or random.Random(),
+        )
         self.listener: asyncio.AbstractServer | None = None
         self.started = time.time()
         self._running: dict[str, tuple[asyncio.Task[None], Exchange]] = {}
@@ -107,8 +113,11 @@ class SimApp:
         arrival = time.monotonic()
         default_max = self.knobs.max_new_tokens_default
         try:
-            req = (parse_generate(body, default_max) if kind == "generate"
-                   else parse_openai(kind, body, default_max))
+            req = (
+                parse_generate(body, default_max)
+                if kind == "generate"
+                else parse_openai(kind, body, default_max)
+            )
             self._check_bootstrap(req)
         except RequestError as exc:
             await self._reply(send, 400, formats.error_body(kind, str(exc), 400))
@@ -158,25 +167,41 @@ class SimApp:
     async def _answer_abort(self, req: GenRequest, ex: Exchange) -> None:
         reason = {"type": "abort", "message": "Abort request", "status_code": 200}
         if ex.started:
-            await ex.event(formats.sse({"meta_info": {"id": req.items[0].rid,
-                                                      "finish_reason": reason}}))
+            await ex.event(
+                formats.sse({"meta_info": {"id": req.items[0].rid, "finish_reason": reason}})
+            )
             await ex.done()
             return
         if req.kind == "generate":
-            results = [{"text": "", "output_ids": [],
-                        "meta_info": {"id": item.rid, "finish_reason": reason,
-                                      "prompt_tokens": item.prompt_tokens,
-                                      "completion_tokens": 0, "cached_tokens": 0}}
-                       for item in req.items]
+            results = [
+                {
+                    "text": "",
+                    "output_ids": [],
+                    "meta_info": {
+                        "id": item.rid,
+                        "finish_reason": reason,
+                        "prompt_tokens": item.prompt_tokens,
+                        "completion_tokens": 0,
+                        "cached_tokens": 0,
+                    },
+                }
+                for item in req.items
+            ]
             await ex.complete(200, encode(results if req.batch else results[0]))
         else:
             await ex.complete(400, formats.error_body(req.kind, "Abort request", 400))
 
     # -- other endpoints ----------------------------------------------------
 
-    async def _reply(self, send: Send, status: int, body: bytes,
-                     headers: list[tuple[bytes, bytes]] = JSON_HEADERS) -> None:
+    async def _reply(
+        self,
+        send: Send,
+        status: int,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]] = JSON_HEADERS,
+    ) -> None:
         self.stats.bytes_sent += len(body)
+        headers = [*headers, (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -185,40 +210,77 @@ class SimApp:
 
     async def _model_info(self, method: str, body: bytes, send: Send) -> None:
         model = self.config.model
-        await self._reply(send, 200, encode({
-            "model_path": model, "tokenizer_path": model, "is_generation": True,
-            "served_model_name": model, "weight_version": "default",
-            "has_image_understanding": False, "has_audio_understanding": False,
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        }))
+        await self._reply(
+            send,
+            200,
+            encode(
+                {
+                    "model_path": model,
+                    "tokenizer_path": model,
+                    "is_generation": True,
+                    "served_model_name": model,
+                    "weight_version": "default",
+                    "has_image_understanding": False,
+                    "has_audio_understanding": False,
+                    "model_type": "llama",
+                    "architectures": ["LlamaForCausalLM"],
+                }
+            ),
+        )
 
     async def _server_info(self, method: str, body: bytes, send: Send) -> None:
         config = self.config
         elapsed = max(time.time() - self.started, 1e-3)
-        await self._reply(send, 200, encode({
-            "model_path": config.model, "served_model_name": config.model,
-            "host": config.host, "port": config.port, "tp_size": 1, "dp_size": 1,
-            "disaggregation_mode": config.role,
-            "disaggregation_bootstrap_port": config.bootstrap_port,
-            "disaggregation_transfer_backend": "simulated",
-            "version": "minilb-sim",
-            "internal_states": [{
-                "last_gen_throughput": self.stats.tokens_generated / elapsed,
-                "avg_spec_accept_length": None,
-            }],
-        }))
+        await self._reply(
+            send,
+            200,
+            encode(
+                {
+                    "model_path": config.model,
+                    "served_model_name": config.model,
+                    "host": config.host,
+                    "port": config.port,
+                    "tp_size": 1,
+                    "dp_size": 1,
+                    "disaggregation_mode": config.role,
+                    "disaggregation_bootstrap_port": config.bootstrap_port,
+                    "disaggregation_transfer_backend": "simulated",
+                    "version": "minilb-sim",
+                    "internal_states": [
+                        {
+                            "last_gen_throughput": self.stats.tokens_generated / elapsed,
+                            "avg_spec_accept_length": None,
+                        }
+                    ],
+                }
+            ),
+        )
 
     async def _models(self, method: str, body: bytes, send: Send) -> None:
         model = self.config.model
-        await self._reply(send, 200, encode({"object": "list", "data": [{
-            "id": model, "object": "model", "created": int(self.started), "owned_by": "sglang",
-            "root": model, "max_model_len": 32768,
-        }]}))
+        await self._reply(
+            send,
+            200,
+            encode(
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": model,
+                            "object": "model",
+                            "created": int(self.started),
+                            "owned_by": "sglang",
+                            "root": model,
+                            "max_model_len": 32768,
+                        }
+                    ],
+                }
+            ),
+        )
 
     async def _flush_cache(self, method: str, body: bytes, send: Send) -> None:
         # SGLang refuses to flush while requests run.
-        await self._reply(send, 400 if self.stats.in_flight else 200, _FLUSH_TEXT,
-                          _TEXT_HEADERS)
+        await self._reply(send, 400 if self.stats.in_flight else 200, _FLUSH_TEXT, _TEXT_HEADERS)
 
     async def _abort(self, method: str, body: bytes, send: Send) -> None:
         try:
@@ -226,8 +288,11 @@ class SimApp:
         except msgspec.DecodeError as exc:
             await self._reply(send, 400, encode(formats.generate_error(str(exc))))
             return
-        targets = list(self._running.values()) if view.abort_all else (
-            [self._running[view.rid]] if view.rid in self._running else [])
+        targets = (
+            list(self._running.values())
+            if view.abort_all
+            else ([self._running[view.rid]] if view.rid in self._running else [])
+        )
         for task, ex in targets:
             if not ex.finished and not ex.aborted:
                 ex.aborted = True
@@ -236,16 +301,40 @@ class SimApp:
         await self._reply(send, 200, b"", _TEXT_HEADERS)
 
     async def _get_load(self, method: str, body: bytes, send: Send) -> None:
-        await self._reply(send, 200, encode([{
-            "dp_rank": 0, "num_reqs": self.stats.in_flight, "num_waiting_reqs": 0,
-            "num_tokens": 0,
-        }]))
+        await self._reply(
+            send,
+            200,
+            encode(
+                [
+                    {
+                        "dp_rank": 0,
+                        "num_reqs": self.stats.in_flight,
+                        "num_waiting_reqs": 0,
+                        "num_tokens": 0,
+                    }
+                ]
+            ),
+        )
 
     async def _loads(self, method: str, body: bytes, send: Send) -> None:
-        await self._reply(send, 200, encode({"timestamp": time.time(), "loads": [{
-            "dp_rank": 0, "num_running_reqs": self.stats.in_flight, "num_waiting_reqs": 0,
-            "num_used_tokens": 0, "token_usage": 0.0,
-        }]}))
+        await self._reply(
+            send,
+            200,
+            encode(
+                {
+                    "timestamp": time.time(),
+                    "loads": [
+                        {
+                            "dp_rank": 0,
+                            "num_running_reqs": self.stats.in_flight,
+                            "num_waiting_reqs": 0,
+                            "num_used_tokens": 0,
+                            "token_usage": 0.0,
+                        }
+                    ],
+                }
+            ),
+        )
 
     async def _sim_stats(self, method: str, body: bytes, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
@@ -264,10 +353,10 @@ class SimApp:
             try:
                 new = update_knobs(self.knobs, body)
             except KnobsError as exc:
-                await send({"type": "http.response.start", "status": 400,
-                            "headers": JSON_HEADERS})
-                await send({"type": "http.response.body",
-                            "body": encode(formats.generate_error(str(exc)))})
+                await send({"type": "http.response.start", "status": 400, "headers": JSON_HEADERS})
+                await send(
+                    {"type": "http.response.body", "body": encode(formats.generate_error(str(exc)))}
+                )
                 return
             # Update in place: the generator and the listener hold this object.
             for name in new.__struct_fields__:
@@ -300,8 +389,11 @@ class SimApp:
                 stats.rooms_duplicated += 1
 
             self.listener = await start_listener(
-                self.config.host, self.config.bootstrap_port, self.registry,
-                lambda: self.knobs, duplicated,
+                self.config.host,
+                self.config.bootstrap_port,
+                self.registry,
+                lambda: self.knobs,
+                duplicated,
             )
 
     async def shutdown(self) -> None:

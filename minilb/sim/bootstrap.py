@@ -24,13 +24,21 @@ from urllib.parse import parse_qsl, urlsplit
 from minilb.sim.knobs import Knobs
 from minilb.sim.pairing import DuplicateRoom, RoomRegistry
 
-_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 408: b"Request Timeout",
-            409: b"Conflict"}
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    409: b"Conflict",
+}
 
 
 def _response(status: int, body: bytes) -> bytes:
     return b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\n\r\n%s" % (
-        status, _REASONS[status], len(body), body,
+        status,
+        _REASONS[status],
+        len(body),
+        body,
     )
 
 
@@ -155,8 +163,9 @@ class BootstrapClient:
 
     def __init__(self, identity: str) -> None:
         self.identity = identity  # the decode's own host:port, told to prefills
-        self._idle: dict[tuple[str, int], list[tuple[asyncio.StreamReader,
-                                                     asyncio.StreamWriter]]] = {}
+        self._idle: dict[
+            tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+        ] = {}
 
     async def pair(self, host: str, port: int, room: int, deadline: float) -> str:
         """Wait until the prefill at host:port has `room`; return the prefill's identity.

@@ -100,16 +100,25 @@ def openai_result(req: GenRequest, model: str, n: int, created: int) -> dict[str
     if req.kind == "chat":
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": text, "reasoning_content": None,
-                        "tool_calls": None},
+            "message": {
+                "role": "assistant",
+                "content": text,
+                "reasoning_content": None,
+                "tool_calls": None,
+            },
             "logprobs": None,
             "finish_reason": "length",
             "matched_stop": None,
         }
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
-                  "matched_stop": None}
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": "length",
+            "matched_stop": None,
+        }
         obj = "text_completion"
     return {
         "id": openai_id(req.kind, item.rid),
@@ -141,8 +150,12 @@ def openai_chunk(
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": content or "", "logprobs": None,
-                  "finish_reason": finish_reason}
+        choice = {
+            "index": 0,
+            "text": content or "",
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
         obj = "text_completion"
     return {
         "id": openai_id(req.kind, req.items[0].rid),

@@ -79,7 +79,7 @@ class Exchange:
         await self.body(DONE, last=True)
 
     async def complete(self, status: int, body: bytes) -> None:
-        await self.start(status, JSON_HEADERS)
+        await self.start(status, [*JSON_HEADERS, (b"content-length", b"%d" % len(body))])
         await self.body(body, last=True)
 
 
@@ -156,13 +156,17 @@ class Generator:
             self.decode_rooms.difference_update(ex.rooms)
         ex.rooms = []
 
-    async def pair(self, req: GenRequest, futures: list[asyncio.Future[str] | None],
-                   arrival: float) -> None:
+    async def pair(
+        self, req: GenRequest, futures: list[asyncio.Future[str] | None], arrival: float
+    ) -> None:
         """Wait until every item met its partner; raises GenFailure otherwise."""
         timeout = self.knobs.pair_timeout
         deadline = arrival + timeout
-        items = [(item, f) for item, f in zip(req.items, futures, strict=True)
-                 if item.host != FAKE_BOOTSTRAP_HOST]
+        items = [
+            (item, f)
+            for item, f in zip(req.items, futures, strict=True)
+            if item.host != FAKE_BOOTSTRAP_HOST
+        ]
         if not items:
             return
         if self.registry is not None:
@@ -171,20 +175,30 @@ class Generator:
                 try:
                     peer = await asyncio.wait_for(future, deadline - time.monotonic())
                 except TimeoutError:
-                    self.stats.rooms_timed_out += sum(1 for _, f in items if not f or
-                                                      not f.done() or f.cancelled())
+                    self.stats.rooms_timed_out += sum(
+                        1 for _, f in items if not f or not f.done() or f.cancelled()
+                    )
                     room = item.room or 0
-                    raise GenFailure(500, formats.prefill_timeout_message(
-                        room, time.monotonic() - arrival)) from None
+                    raise GenFailure(
+                        500, formats.prefill_timeout_message(room, time.monotonic() - arrival)
+                    ) from None
                 self.stats.pair(item.room or 0, item.host, item.port, peer)
             return
-        results = await asyncio.gather(
-            *(self._decode_pair(item.room or 0, item.host, item.port, deadline)
-              for item, _ in items),
-            return_exceptions=True,
-        ) if len(items) > 1 else [await self._decode_pair_safe(items[0][0].room or 0,
-                                                                 items[0][0].host,
-                                                                 items[0][0].port, deadline)]
+        results = (
+            await asyncio.gather(
+                *(
+                    self._decode_pair(item.room or 0, item.host, item.port, deadline)
+                    for item, _ in items
+                ),
+                return_exceptions=True,
+            )
+            if len(items) > 1
+            else [
+                await self._decode_pair_safe(
+                    items[0][0].room or 0, items[0][0].host, items[0][0].port, deadline
+                )
+            ]
+        )
         failure: BaseException | None = None
         for (item, _), result in zip(items, results, strict=True):
             if isinstance(result, str):
@@ -203,15 +217,17 @@ class Generator:
             room = failure.args[0]
             raise GenFailure(500, formats.decode_timeout_message(room, time.monotonic() - arrival))
 
-    async def _decode_pair_safe(self, room: int, host: str | None, port: int | None,
-                                deadline: float) -> str | BaseException:
+    async def _decode_pair_safe(
+        self, room: int, host: str | None, port: int | None, deadline: float
+    ) -> str | BaseException:
         try:
             return await self._decode_pair(room, host, port, deadline)
         except (PairTimeout, DuplicateRoom) as exc:
             return exc
 
-    async def _decode_pair(self, room: int, host: str | None, port: int | None,
-                           deadline: float) -> str:
+    async def _decode_pair(
+        self, room: int, host: str | None, port: int | None, deadline: float
+    ) -> str:
         assert self.client is not None and host is not None
         if self.knobs.skip_bootstrap:
             # "Decode never joins": wait out the timeout without contacting the prefill.
@@ -227,8 +243,9 @@ class Generator:
         failure = self.injected_failure()
         if failure is not None:
             await _sleep_until(headers_at)
-            await ex.complete(failure.status,
-                              formats.error_body(req.kind, failure.message, failure.status))
+            await ex.complete(
+                failure.status, formats.error_body(req.kind, failure.message, failure.status)
+            )
             return
         if knobs.hang:
             await asyncio.Event().wait()  # until the client goes away (cancelled)
@@ -236,8 +253,9 @@ class Generator:
             futures = self.claim_rooms(req, ex)
         except DuplicateRoom as exc:
             await _sleep_until(headers_at)
-            await ex.complete(400, formats.error_body(
-                req.kind, formats.duplicate_room_message(exc.room), 400))
+            await ex.complete(
+                400, formats.error_body(req.kind, formats.duplicate_room_message(exc.room), 400)
+            )
             return
         try:
             try:
@@ -260,8 +278,9 @@ class Generator:
                     await ex.event(formats.stream_error_event(exc.message, exc.status))
                     await ex.done()
                 else:
-                    await ex.complete(exc.status, formats.error_body(req.kind, exc.message,
-                                                                     exc.status))
+                    await ex.complete(
+                        exc.status, formats.error_body(req.kind, exc.message, exc.status)
+                    )
                 return
             if req.stream:
                 await self._stream(req, ex, arrival)
@@ -292,14 +311,23 @@ class Generator:
         latency = time.monotonic() - arrival
         if req.kind == "generate":
             results = [
-                formats.generate_result(item, n, finished=True, prefill=self.prefill,
-                                        logprob=req.return_logprob, latency=latency)
+                formats.generate_result(
+                    item,
+                    n,
+                    finished=True,
+                    prefill=self.prefill,
+                    logprob=req.return_logprob,
+                    latency=latency,
+                )
                 for item, n in zip(req.items, lengths, strict=True)
             ]
             body = encode(results if req.batch else results[0])
         else:
-            body = encode(formats.openai_result(req, req.model or self.config.model,
-                                                lengths[0], int(time.time())))
+            body = encode(
+                formats.openai_result(
+                    req, req.model or self.config.model, lengths[0], int(time.time())
+                )
+            )
         await ex.complete(200, body)
 
     async def _stream(self, req: GenRequest, ex: Exchange, arrival: float) -> None:
@@ -315,8 +343,9 @@ class Generator:
         if wait:
             await asyncio.sleep(wait)
 
-    async def _stream_generate(self, req: GenRequest, ex: Exchange, arrival: float,
-                               lengths: list[int]) -> None:
+    async def _stream_generate(
+        self, req: GenRequest, ex: Exchange, arrival: float, lengths: list[int]
+    ) -> None:
         texts = [""] * len(lengths)
         index = list(range(len(lengths))) if req.batch else [None]
         longest = max(lengths)
@@ -332,10 +361,20 @@ class Generator:
                     texts[i] = f"{texts[i]} {token}" if step else token
                     self.stats.tokens_generated += 1
                 done = step + 1 >= n
-                await ex.event(sse(formats.generate_result(
-                    item, min(step + 1, n), finished=done, prefill=self.prefill,
-                    logprob=req.return_logprob, latency=latency, text=texts[i],
-                    index=index[i] if req.batch else None)))
+                await ex.event(
+                    sse(
+                        formats.generate_result(
+                            item,
+                            min(step + 1, n),
+                            finished=done,
+                            prefill=self.prefill,
+                            logprob=req.return_logprob,
+                            latency=latency,
+                            text=texts[i],
+                            index=index[i] if req.batch else None,
+                        )
+                    )
+                )
 
     async def _stream_openai(self, req: GenRequest, ex: Exchange, n: int) -> None:
         model = req.model or self.config.model
@@ -346,8 +385,18 @@ class Generator:
             if n:
                 await self._token_wait(req, 0)
             self.stats.tokens_generated += n
-            await ex.event(sse(chunk(req, model, created, content=formats.output_text(n),
-                                     role=True, finish_reason="length")))
+            await ex.event(
+                sse(
+                    chunk(
+                        req,
+                        model,
+                        created,
+                        content=formats.output_text(n),
+                        role=True,
+                        finish_reason="length",
+                    )
+                )
+            )
         else:
             if req.kind == "chat":
                 await ex.event(sse(chunk(req, model, created, content="", role=True)))
@@ -355,10 +404,20 @@ class Generator:
                 await self._token_wait(req, step)
                 token = formats.token_text(step)
                 self.stats.tokens_generated += 1
-                await ex.event(sse(chunk(req, model, created,
-                                         content=f" {token}" if step else token)))
-            await ex.event(sse(chunk(req, model, created, content=None if req.kind == "chat"
-                                     else "", finish_reason="length")))
+                await ex.event(
+                    sse(chunk(req, model, created, content=f" {token}" if step else token))
+                )
+            await ex.event(
+                sse(
+                    chunk(
+                        req,
+                        model,
+                        created,
+                        content=None if req.kind == "chat" else "",
+                        finish_reason="length",
+                    )
+                )
+            )
         if req.include_usage:
             await ex.event(sse(formats.openai_usage_chunk(req, model, created, n)))
 

@@ -42,17 +42,19 @@ def ready_line(config: SimConfig) -> str:
 
 async def serve(app: SimApp) -> None:
     config = app.config
-    server = uvicorn.Server(uvicorn.Config(
-        app,
-        host=config.host,
-        port=config.port,
-        loop="none",
-        http=_counting_protocol(app.stats),
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=1,
-    ))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            loop="none",
+            http=_counting_protocol(app.stats),
+            lifespan="on",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=1,
+        )
+    )
 
     async def announce() -> None:
         # server.started is set once lifespan startup (the bootstrap listener)

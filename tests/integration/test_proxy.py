@@ -206,7 +206,7 @@ def assert_error(r: httpx.Response, status: int, words: str) -> None:
         (b'{"text": 5}', "`text`"),
         (b'{"text": []}', "empty batch"),
         (b'{"input_ids": [[1], 2]}', "`input_ids`"),
-        (b'{"text": "x"}\xff', "not valid JSON"),
+        (b'{"text": "x"}\xff', "UTF-8"),
     ],
 )
 def test_bad_bodies_get_400(pd: PD, content: bytes, words: str) -> None:

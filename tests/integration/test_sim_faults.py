@@ -18,10 +18,21 @@ from tests.procs import SimProc, pd_fields, post, post_both, sse_events, start_s
 
 TIMEOUT = 1.0
 DEFAULT_KNOBS: dict[str, Any] = {
-    "pair_timeout": TIMEOUT, "prefill_delay_per_token": 0.0, "ttft": 0.0, "itl": 0.0,
-    "jitter": 0.0, "fail_status": 500, "fail_probability": 0.0, "fail_next": 0,
-    "reset_after_events": 0, "hang": False, "slow_headers": 0.0, "health_fail": False,
-    "bootstrap_down": False, "skip_bootstrap": False, "max_new_tokens_default": 16,
+    "pair_timeout": TIMEOUT,
+    "prefill_delay_per_token": 0.0,
+    "ttft": 0.0,
+    "itl": 0.0,
+    "jitter": 0.0,
+    "fail_status": 500,
+    "fail_probability": 0.0,
+    "fail_next": 0,
+    "reset_after_events": 0,
+    "hang": False,
+    "slow_headers": 0.0,
+    "health_fail": False,
+    "bootstrap_down": False,
+    "skip_bootstrap": False,
+    "max_new_tokens_default": 16,
 }
 
 
@@ -46,12 +57,20 @@ def fresh(pd: tuple[SimProc, SimProc]) -> None:
 
 
 def gen(prefill: SimProc, **extra: Any) -> dict[str, Any]:
-    return {"text": "a b", "sampling_params": {"max_new_tokens": 4},
-            **pd_fields(prefill, random.randrange(2**63)), **extra}
+    return {
+        "text": "a b",
+        "sampling_params": {"max_new_tokens": 4},
+        **pd_fields(prefill, random.randrange(2**63)),
+        **extra,
+    }
 
 
-def pair(pd: tuple[SimProc, SimProc], body: dict[str, Any], path: str = "/generate",
-         timeout: float = 10.0) -> tuple[httpx.Response, httpx.Response]:
+def pair(
+    pd: tuple[SimProc, SimProc],
+    body: dict[str, Any],
+    path: str = "/generate",
+    timeout: float = 10.0,
+) -> tuple[httpx.Response, httpx.Response]:
     prefill, decode = pd
     return post_both(f"{prefill.url}{path}", f"{decode.url}{path}", body, timeout=timeout)
 
@@ -97,9 +116,10 @@ def test_reset_after_events(pd: tuple[SimProc, SimProc]) -> None:
     with ThreadPoolExecutor(1) as pool:
         p = pool.submit(post, f"{prefill.url}/generate", body)
         received: list[bytes] = []
-        with pytest.raises(httpx.RemoteProtocolError), httpx.stream(
-            "POST", f"{decode.url}/generate", json=body, timeout=5
-        ) as response:
+        with (
+            pytest.raises(httpx.RemoteProtocolError),
+            httpx.stream("POST", f"{decode.url}/generate", json=body, timeout=5) as response,
+        ):
             for chunk in response.iter_raw():
                 received.append(chunk)
         assert p.result().status_code == 200

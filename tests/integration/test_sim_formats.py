@@ -32,8 +32,9 @@ def fresh(pd: tuple[SimProc, SimProc]) -> None:
         proc.reset()
 
 
-def both(pd: tuple[SimProc, SimProc], path: str,
-         body: dict[str, Any]) -> tuple[httpx.Response, httpx.Response]:
+def both(
+    pd: tuple[SimProc, SimProc], path: str, body: dict[str, Any]
+) -> tuple[httpx.Response, httpx.Response]:
     prefill, decode = pd
     full = {**body, **pd_fields(prefill, random.randrange(2**63))}
     p, d = post_both(f"{prefill.url}{path}", f"{decode.url}{path}", full)
@@ -50,8 +51,9 @@ def events(response: httpx.Response) -> list[Any]:
 
 
 def test_generate_single(pd: tuple[SimProc, SimProc]) -> None:
-    _, d = both(pd, "/generate", {"text": "one two three four",
-                                  "sampling_params": {"max_new_tokens": 3}})
+    _, d = both(
+        pd, "/generate", {"text": "one two three four", "sampling_params": {"max_new_tokens": 3}}
+    )
     out = d.json()
     assert out["text"] == "tok0 tok1 tok2" and out["output_ids"] == [0, 1, 2]
     meta = out["meta_info"]
@@ -67,8 +69,15 @@ def test_generate_default_max_new_tokens(pd: tuple[SimProc, SimProc]) -> None:
 
 
 def test_generate_logprobs(pd: tuple[SimProc, SimProc]) -> None:
-    p, d = both(pd, "/generate", {"input_ids": [11, 12, 13], "return_logprob": True,
-                                  "sampling_params": {"max_new_tokens": 2}})
+    p, d = both(
+        pd,
+        "/generate",
+        {
+            "input_ids": [11, 12, 13],
+            "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 2},
+        },
+    )
     pm, dm = p.json()["meta_info"], d.json()["meta_info"]
     assert [e[1] for e in pm["input_token_logprobs"]] == [11, 12, 13]
     assert all(len(e) == 3 and e[2] is None for e in pm["input_token_logprobs"])
@@ -79,49 +88,65 @@ def test_generate_logprobs(pd: tuple[SimProc, SimProc]) -> None:
 def test_generate_batch(pd: tuple[SimProc, SimProc]) -> None:
     prefill, decode = pd
     rooms = [random.randrange(2**63) for _ in range(3)]
-    body = {"text": ["a", "b b", "c c c"], "sampling_params": {"max_new_tokens": 2},
-            "bootstrap_host": ["127.0.0.1"] * 3, "bootstrap_port": [prefill.bootstrap_port] * 3,
-            "bootstrap_room": rooms}
+    body = {
+        "text": ["a", "b b", "c c c"],
+        "sampling_params": {"max_new_tokens": 2},
+        "bootstrap_host": ["127.0.0.1"] * 3,
+        "bootstrap_port": [prefill.bootstrap_port] * 3,
+        "bootstrap_room": rooms,
+    }
     p, d = post_both(f"{prefill.url}/generate", f"{decode.url}/generate", body)
     assert [x["meta_info"]["prompt_tokens"] for x in d.json()] == [1, 2, 3]
     assert [x["text"] for x in p.json()] == ["tok0"] * 3
 
-    p, d = post_both(f"{prefill.url}/generate", f"{decode.url}/generate",
-                     {**body, "stream": True, "bootstrap_room": [r + 1 for r in rooms]})
+    p, d = post_both(
+        f"{prefill.url}/generate",
+        f"{decode.url}/generate",
+        {**body, "stream": True, "bootstrap_room": [r + 1 for r in rooms]},
+    )
     evs = events(d)
     assert len(evs) == 6 and {e["index"] for e in evs} == {0, 1, 2}
     last = {e["index"]: e for e in evs}
-    assert all(e["text"] == "tok0 tok1" and e["meta_info"]["finish_reason"] for e in
-               last.values())
+    assert all(e["text"] == "tok0 tok1" and e["meta_info"]["finish_reason"] for e in last.values())
     assert len(events(p)) == 3
 
 
 def test_generate_stream(pd: tuple[SimProc, SimProc]) -> None:
-    p, d = both(pd, "/generate", {"text": "x y", "stream": True,
-                                  "sampling_params": {"max_new_tokens": 3}})
+    p, d = both(
+        pd, "/generate", {"text": "x y", "stream": True, "sampling_params": {"max_new_tokens": 3}}
+    )
     evs = events(d)
     assert [e["text"] for e in evs] == ["tok0", "tok0 tok1", "tok0 tok1 tok2"]
     assert [e["meta_info"]["completion_tokens"] for e in evs] == [1, 2, 3]
     assert [e["meta_info"]["finish_reason"] for e in evs] == [
-        None, None, {"type": "length", "length": 3}]
+        None,
+        None,
+        {"type": "length", "length": 3},
+    ]
     assert "index" not in evs[0]
     [only] = events(p)  # the prefill: exactly one data event, then [DONE]
     assert only["text"] == "tok0" and only["meta_info"]["completion_tokens"] == 1
 
 
 def test_chat_completions(pd: tuple[SimProc, SimProc]) -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": "hello there"}],
-            "max_tokens": 2}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 2}
     _, d = both(pd, "/v1/chat/completions", body)
     out = d.json()
     assert out["object"] == "chat.completion" and out["model"] == "m"
     assert out["choices"][0]["message"]["content"] == "tok0 tok1"
     assert out["choices"][0]["finish_reason"] == "length"
-    assert out["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4,
-                            "prompt_tokens_details": None}
+    assert out["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 2,
+        "total_tokens": 4,
+        "prompt_tokens_details": None,
+    }
 
-    _, d = both(pd, "/v1/chat/completions",
-                {**body, "stream": True, "stream_options": {"include_usage": True}})
+    _, d = both(
+        pd,
+        "/v1/chat/completions",
+        {**body, "stream": True, "stream_options": {"include_usage": True}},
+    )
     evs = events(d)
     assert all(e["object"] == "chat.completion.chunk" for e in evs)
     assert evs[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -132,8 +157,11 @@ def test_chat_completions(pd: tuple[SimProc, SimProc]) -> None:
 
 
 def test_chat_stream_without_usage(pd: tuple[SimProc, SimProc]) -> None:
-    _, d = both(pd, "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
-                                             "max_tokens": 1, "stream": True})
+    _, d = both(
+        pd,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "max_tokens": 1, "stream": True},
+    )
     assert all(e["choices"] for e in events(d))
 
 
@@ -144,8 +172,16 @@ def test_completions(pd: tuple[SimProc, SimProc]) -> None:
     assert out["choices"][0]["text"] == "tok0 tok1 tok2"
     assert out["usage"]["prompt_tokens"] == 3
 
-    _, d = both(pd, "/v1/completions", {"prompt": "a b c", "max_tokens": 3, "stream": True,
-                                        "stream_options": {"include_usage": True}})
+    _, d = both(
+        pd,
+        "/v1/completions",
+        {
+            "prompt": "a b c",
+            "max_tokens": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     evs = events(d)
     assert "".join(e["choices"][0]["text"] for e in evs if e["choices"]) == "tok0 tok1 tok2"
     assert evs[-2]["choices"][0]["finish_reason"] == "length"
@@ -162,8 +198,10 @@ def test_info_endpoints(pd: tuple[SimProc, SimProc]) -> None:
         for path in ("/server_info", "/get_server_info"):
             info = httpx.get(f"{proc.url}{path}").json()
             assert info["disaggregation_mode"] == proc.role
-            assert set(info["internal_states"][0]) >= {"last_gen_throughput",
-                                                       "avg_spec_accept_length"}
+            assert set(info["internal_states"][0]) >= {
+                "last_gen_throughput",
+                "avg_spec_accept_length",
+            }
         models = httpx.get(f"{proc.url}/v1/models").json()
         assert models["object"] == "list" and models["data"][0]["object"] == "model"
         assert httpx.get(f"{proc.url}/flush_cache").status_code == 200

@@ -39,8 +39,12 @@ def room() -> int:
 
 
 def gen(prefill: SimProc, r: int | None, **extra: object) -> dict[str, object]:
-    return {"text": "a b c", "sampling_params": {"max_new_tokens": 3}, **pd_fields(prefill, r),
-            **extra}
+    return {
+        "text": "a b c",
+        "sampling_params": {"max_new_tokens": 3},
+        **pd_fields(prefill, r),
+        **extra,
+    }
 
 
 def test_paired_request_succeeds_on_both_sides(sims: tuple[SimProc, SimProc, SimProc]) -> None:
@@ -52,9 +56,14 @@ def test_paired_request_succeeds_on_both_sides(sims: tuple[SimProc, SimProc, Sim
     assert d.json()["text"] == "tok0 tok1 tok2"
     ps, ds = prefill.stats(), decode.stats()
     assert ps["rooms_paired"] == ds["rooms_paired"] == 1
-    assert ps["recent_pairs"] == [{"room": r, "bootstrap_host": "127.0.0.1",
-                                   "bootstrap_port": prefill.bootstrap_port,
-                                   "peer": f"127.0.0.1:{decode.port}"}]
+    assert ps["recent_pairs"] == [
+        {
+            "room": r,
+            "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": prefill.bootstrap_port,
+            "peer": f"127.0.0.1:{decode.port}",
+        }
+    ]
     assert ds["recent_pairs"][0]["peer"] == f"127.0.0.1:{prefill.port}"
     assert ps["rooms_timed_out"] == ds["rooms_timed_out"] == 0
 
@@ -93,8 +102,13 @@ def test_mismatches_fail_both_sides_after_the_timeout(
     ]
     start = time.monotonic()
     with ThreadPoolExecutor(6) as pool:
-        futures = [(pool.submit(post, f"{prefill.url}/generate", pb),
-                    pool.submit(post, f"{decode.url}/generate", db)) for pb, db in cases]
+        futures = [
+            (
+                pool.submit(post, f"{prefill.url}/generate", pb),
+                pool.submit(post, f"{decode.url}/generate", db),
+            )
+            for pb, db in cases
+        ]
         results = [(p.result(), d.result()) for p, d in futures]
     elapsed = time.monotonic() - start
     for p, d in results:
@@ -126,8 +140,13 @@ def test_stream_timeout_is_an_error_event_after_200(
 @pytest.mark.parametrize("path", ["/generate", "/v1/chat/completions", "/v1/completions"])
 def test_missing_room_is_400(sims: tuple[SimProc, SimProc, SimProc], path: str) -> None:
     prefill, _, decode = sims
-    body = {"text": "a", "prompt": "a", "messages": [{"role": "user", "content": "a"}],
-            "bootstrap_host": "127.0.0.1", "bootstrap_port": prefill.bootstrap_port}
+    body = {
+        "text": "a",
+        "prompt": "a",
+        "messages": [{"role": "user", "content": "a"}],
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": prefill.bootstrap_port,
+    }
     for proc in (prefill, decode):
         response = post(f"{proc.url}{path}", body)
         assert response.status_code == 400
@@ -184,9 +203,13 @@ def test_second_decode_for_a_room_is_a_duplicate(
 def test_batch_pairs_each_item_by_its_room(sims: tuple[SimProc, SimProc, SimProc]) -> None:
     prefill, _, decode = sims
     rooms = [room(), room()]
-    body = {"text": ["a", "b c"], "sampling_params": {"max_new_tokens": 2},
-            "bootstrap_host": ["127.0.0.1"] * 2, "bootstrap_port": [prefill.bootstrap_port] * 2,
-            "bootstrap_room": rooms}
+    body = {
+        "text": ["a", "b c"],
+        "sampling_params": {"max_new_tokens": 2},
+        "bootstrap_host": ["127.0.0.1"] * 2,
+        "bootstrap_port": [prefill.bootstrap_port] * 2,
+        "bootstrap_room": rooms,
+    }
     p, d = post_both(f"{prefill.url}/generate", f"{decode.url}/generate", body)
     assert p.status_code == d.status_code == 200
     assert [x["text"] for x in d.json()] == ["tok0 tok1"] * 2

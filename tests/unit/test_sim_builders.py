@@ -31,8 +31,9 @@ def test_prefill_result_has_input_logprobs_decode_has_none() -> None:
 
 def test_unfinished_result_has_null_finish_reason_and_index() -> None:
     item = parse_generate(b'{"text": "a", "bootstrap_room": 1}', 4).items[0]
-    r = formats.generate_result(item, 2, finished=False, prefill=False, logprob=False,
-                                latency=0.0, index=1)
+    r = formats.generate_result(
+        item, 2, finished=False, prefill=False, logprob=False, latency=0.0, index=1
+    )
     assert r["meta_info"]["finish_reason"] is None and r["index"] == 1
     assert "input_token_logprobs" not in r["meta_info"]
 
@@ -41,8 +42,12 @@ def test_openai_objects() -> None:
     chat = parse_openai("chat", b'{"messages": [{"role": "user", "content": "a b"}]}', 3)
     result = formats.openai_result(chat, "m", 3, 1)
     assert result["object"] == "chat.completion"
-    assert result["choices"][0]["message"] == {"role": "assistant", "content": "tok0 tok1 tok2",
-                                                "reasoning_content": None, "tool_calls": None}
+    assert result["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "tok0 tok1 tok2",
+        "reasoning_content": None,
+        "tool_calls": None,
+    }
     assert result["usage"]["total_tokens"] == 5
     first = formats.openai_chunk(chat, "m", 1, content="", role=True)
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -55,7 +60,8 @@ def test_openai_objects() -> None:
 
 def test_error_shapes_and_messages() -> None:
     assert msgspec.json.decode(formats.error_body("generate", "x", 400)) == {
-        "error": {"message": "x"}}
+        "error": {"message": "x"}
+    }
     openai = msgspec.json.decode(formats.error_body("chat", "x", 500))
     assert openai["object"] == "error" and openai["code"] == 500
     assert "KVPoll.Bootstrapping" in formats.prefill_timeout_message(5, 1.0)
@@ -75,8 +81,8 @@ def test_knob_updates_are_validated_as_a_whole() -> None:
         (b'{"fail_status": 99}', "fail_status"),
         (b'{"nope": 1}', "nope"),
         (b'{"pair_timeout": 0}', "pair_timeout"),
-        (b'[1]', "JSON object"),
-        (b'{', "not valid JSON"),
+        (b"[1]", "JSON object"),
+        (b"{", "not valid JSON"),
     ],
 )
 def test_bad_knob_updates(patch: bytes, message: str) -> None:

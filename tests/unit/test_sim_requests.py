@@ -13,9 +13,18 @@ def body(**fields: object) -> bytes:
 
 
 def test_single_text_counts_words_and_reads_bootstrap() -> None:
-    req = parse_generate(body(text="a b c", sampling_params={"max_new_tokens": 4},
-                              bootstrap_host="h", bootstrap_port=9, bootstrap_room=7,
-                              stream=True, return_logprob=True), 16)
+    req = parse_generate(
+        body(
+            text="a b c",
+            sampling_params={"max_new_tokens": 4},
+            bootstrap_host="h",
+            bootstrap_port=9,
+            bootstrap_room=7,
+            stream=True,
+            return_logprob=True,
+        ),
+        16,
+    )
     assert not req.batch and req.stream and req.return_logprob
     [item] = req.items
     assert (item.prompt_tokens, item.max_new_tokens) == (3, 4)
@@ -30,16 +39,28 @@ def test_default_max_new_tokens_and_null_port() -> None:
 
 
 def test_batch_of_texts_takes_list_fields() -> None:
-    req = parse_generate(body(text=["a", "b c"], bootstrap_host=["h", "h"],
-                              bootstrap_port=[1, 2], bootstrap_room=[10, 11]), 3)
+    req = parse_generate(
+        body(
+            text=["a", "b c"],
+            bootstrap_host=["h", "h"],
+            bootstrap_port=[1, 2],
+            bootstrap_room=[10, 11],
+        ),
+        3,
+    )
     assert req.batch
     assert [(i.prompt_tokens, i.port, i.room) for i in req.items] == [(1, 1, 10), (2, 2, 11)]
 
 
 def test_batch_of_input_ids_with_per_item_sampling_params() -> None:
-    req = parse_generate(body(input_ids=[[1], [2, 3]], bootstrap_room=[1, 2],
-                              sampling_params=[{"max_new_tokens": 1},
-                                               {"max_new_tokens": 2}]), 16)
+    req = parse_generate(
+        body(
+            input_ids=[[1], [2, 3]],
+            bootstrap_room=[1, 2],
+            sampling_params=[{"max_new_tokens": 1}, {"max_new_tokens": 2}],
+        ),
+        16,
+    )
     assert [(i.prompt_tokens, i.max_new_tokens) for i in req.items] == [(1, 1), (2, 2)]
 
 
@@ -69,11 +90,21 @@ def test_invalid_json() -> None:
 
 
 def test_chat_counts_words_of_all_messages_and_honours_max_tokens() -> None:
-    req = parse_openai("chat", body(
-        messages=[{"role": "system", "content": "be brief"},
-                  {"role": "user", "content": [{"type": "text", "text": "hi there you"}]}],
-        max_tokens=5, stream=True, stream_options={"include_usage": True},
-        bootstrap_room=3, model="m"), 16)
+    req = parse_openai(
+        "chat",
+        body(
+            messages=[
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi there you"}]},
+            ],
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+            bootstrap_room=3,
+            model="m",
+        ),
+        16,
+    )
     [item] = req.items
     assert (item.prompt_tokens, item.max_new_tokens, item.room) == (5, 5, 3)
     assert req.stream and req.include_usage and req.model == "m"
@@ -82,8 +113,12 @@ def test_chat_counts_words_of_all_messages_and_honours_max_tokens() -> None:
 def test_completion_prompt_forms() -> None:
     assert parse_openai("completion", body(prompt="a b"), 16).items[0].prompt_tokens == 2
     assert parse_openai("completion", body(prompt=[1, 2, 3]), 16).items[0].prompt_tokens == 3
-    assert parse_openai("completion", body(prompt="a", max_completion_tokens=2),
-                        16).items[0].max_new_tokens == 2
+    assert (
+        parse_openai("completion", body(prompt="a", max_completion_tokens=2), 16)
+        .items[0]
+        .max_new_tokens
+        == 2
+    )
 
 
 def test_chat_without_messages() -> None:

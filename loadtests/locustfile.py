@@ -22,7 +22,8 @@ from typing import Any
 from locust import FastHttpUser, between, tag, task
 from locust.contrib.fasthttp import ResponseContextManager
 
-_WORDS = "the quick brown fox jumps over a lazy dog while seven tired engineers watch".split()
+_WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven",
+          "tired", "engineers", "watch")
 _JSON = {"Content-Type": "application/json"}
 
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from minilb import config as config_mod
@@ -43,6 +44,8 @@ def start_simulator(role: str, port: int, bootstrap_port: int | None) -> subproc
         if not line:
             break
         if line.startswith(b"minilb-sim ready"):
+            # Keep reading, so a chatty simulator never blocks on a full pipe.
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc
     proc.kill()
     raise ConfigError(f"the {role} simulator on port {port} did not start")

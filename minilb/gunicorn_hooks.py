@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import sys
 from typing import Any
@@ -43,10 +44,19 @@ class Worker(UvicornWorker):  # type: ignore[misc]
     async def _serve(self) -> None:
         self.config.app = self.wsgi
         server = _DrainingServer(config=self.config)
-        self._install_sigquit_handler()
+        # Gunicorn's quick shutdown (SIGINT or SIGQUIT to the master) sends SIGQUIT;
+        # uvicorn_worker's handler only flags the Gunicorn worker, so the server kept
+        # running until the master's SIGKILL. Stop the server itself, at once.
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGQUIT, _quick_exit, server)
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+
+def _quick_exit(server: Server) -> None:
+    server.should_exit = True
+    server.force_exit = True
 
 
 def inherited_state() -> SharedState | None:

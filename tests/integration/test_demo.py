@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -23,6 +24,14 @@ def descendants(pid: int) -> set[int]:
             found.add(child)
             todo.append(child)
     return found
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_demo_serves_and_stops_everything_on_ctrl_c() -> None:
@@ -50,6 +59,5 @@ def test_demo_serves_and_stops_everything_on_ctrl_c() -> None:
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out.decode()
     assert f"curl {url}/generate" in out.decode()
-    alive = [pid for pid in spawned if os.path.exists(f"/proc/{pid}") and
-             "Z" not in open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]]
+    alive = [pid for pid in spawned if running(pid)]
     assert not alive, f"left running: {alive}"

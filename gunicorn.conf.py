@@ -3,7 +3,7 @@
 import os
 
 from minilb import config as _config
-from minilb.gunicorn_hooks import on_starting  # noqa: F401  (a Gunicorn hook)
+from minilb.gunicorn_hooks import child_exit, on_starting, post_fork, pre_fork  # noqa: F401
 
 _cfg = _config.from_env()
 os.environ[_config.CONFIG_JSON_ENV] = _cfg.to_json()  # workers reuse the validated config

@@ -69,6 +69,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     connect_timeout_secs: PositiveFloat = 10.0
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # resilience
+    max_attempts: Annotated[int, Meta(ge=1, le=10)] = 3
+    retry_backoff_secs: Annotated[float, Meta(ge=0)] = 0.05
+    max_in_flight: Annotated[int, Meta(ge=0)] = 0
+    health_check_interval_secs: PositiveFloat = 5.0
+    health_check_timeout_secs: PositiveFloat = 2.0
+    health_failure_threshold: Annotated[int, Meta(ge=1)] = 2
+    health_success_threshold: Annotated[int, Meta(ge=1)] = 1
+    admin_key: str | None = None
+    api_key: str | None = None
 
     def __post_init__(self) -> None:
         if not self.prefill:

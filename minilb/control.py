@@ -13,8 +13,9 @@ import httpx
 import msgspec
 
 from minilb.errors import UpstreamFailed
+from minilb.membership import Membership
 from minilb.responses import send_bytes
-from minilb.servers import Server, ServerSet
+from minilb.servers import Server
 from minilb.types import Send
 
 _encoder = msgspec.json.Encoder()
@@ -22,8 +23,8 @@ _decoder = msgspec.json.Decoder()
 
 
 class ControlPlane:
-    def __init__(self, servers: ServerSet, client: httpx.AsyncClient) -> None:
-        self.servers = servers
+    def __init__(self, membership: Membership, client: httpx.AsyncClient) -> None:
+        self.membership = membership
         self.client = client
 
     async def _call(self, server: Server, method: str, path: str) -> tuple[int, bytes, str | None]:
@@ -35,7 +36,7 @@ class ControlPlane:
 
     async def fan_out(self, send: Send, method: str, path: str) -> None:
         """Call every server; 200 only when all answer 200, else 503 with each result."""
-        servers = self.servers.all()
+        servers = self.membership.servers().all()
         results = await asyncio.gather(*(self._call(s, method, path) for s in servers))
         report: list[dict[str, Any]] = []
         for server, (status, body, error) in zip(servers, results, strict=True):
@@ -58,7 +59,7 @@ class ControlPlane:
 
     async def server_info(self, send: Send) -> None:
         """mini_lb's shape: `{"internal_states": [...], "prefill": [...], "decode": [...]}`."""
-        servers = self.servers.all()
+        servers = self.membership.servers().all()
         results = await asyncio.gather(*(self._call(s, "GET", "/get_server_info") for s in servers))
         infos: dict[str, list[Any]] = {"prefill": [], "decode": []}
         for server, (status, body, error) in zip(servers, results, strict=True):
@@ -81,7 +82,7 @@ class ControlPlane:
     async def from_prefill(self, send: Send, path: str) -> None:
         """The first prefill server's answer to a GET; errors name every server tried."""
         errors = []
-        for server in self.servers.prefill:
+        for server in self.membership.servers().prefill:
             status, body, error = await self._call(server, "GET", path)
             if error is None and status == 200:
                 await send_bytes(send, 200, body)

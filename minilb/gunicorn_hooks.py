@@ -1,8 +1,8 @@
 """Gunicorn server hooks and worker class; `gunicorn.conf.py` and `minilb serve` use them.
 
-The one module-level variable here is the hand-off across fork: the master
-creates the shared state in `on_starting`, and every worker forked later,
-first or replacement, finds it in its copy of this module.
+The one module-level variable here, `_inherited`, is the hand-off across fork:
+the master creates the shared state in `on_starting`, and every worker forked
+later, first or replacement, finds it (and its slot) in its copy of this module.
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ import logging
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from gunicorn.arbiter import Arbiter
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
-from minilb.shared import SharedState
-
-_inherited: SharedState | None = None
+from minilb import config
+from minilb.admission import release_slot
+from minilb.membership import Membership
+from minilb.shared import MAX_WORKERS, SharedState
 
 # How long a retiring worker keeps reading connections it had already accepted.
 _DRAIN_SECONDS = 0.25
@@ -59,13 +61,44 @@ def _quick_exit(server: Server) -> None:
     server.force_exit = True
 
 
-def inherited_state() -> SharedState | None:
-    return _inherited
+@dataclass
+class _Inherited:
+    state: SharedState | None = None
+    slot: int = 0
+
+
+_inherited = _Inherited()
+
+
+def inherited() -> tuple[SharedState | None, int]:
+    """The shared state the master made, and this worker's slot in it."""
+    return _inherited.state, _inherited.slot
+
+
+# Hooks that run in the master.
 
 
 def on_starting(server: Any) -> None:
-    global _inherited
-    _inherited = SharedState()
+    state = SharedState()
+    Membership(state).initialise(config.from_env())
+    _inherited.state = state
     logging.getLogger("minilb").info(
-        "shared state ready (%s)", "lock-free atomics" if _inherited.lock_free else "fcntl lock"
+        "shared state ready (%s)", "lock-free atomics" if state.lock_free else "fcntl lock"
     )
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    used = {getattr(w, "minilb_slot", None) for w in server.WORKERS.values()}
+    worker.minilb_slot = next(i for i in range(MAX_WORKERS) if i not in used)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    if _inherited.state is not None:
+        release_slot(_inherited.state, getattr(worker, "minilb_slot", 0))
+
+
+# Hooks that run in the worker.
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    _inherited.slot = getattr(worker, "minilb_slot", 0)

@@ -1,11 +1,15 @@
 """Forwarding one generation request to a (prefill, decode) pair.
 
 Both requests go out at once. The client gets the decode's answer; its stream
-is passed through chunk by chunk as it arrives. Three things can interrupt the
+is passed through chunk by chunk as it arrives. Three things can interrupt an
 exchange, and each cancels the handling task with a reason recorded first:
 the prefill failing (its done-callback), the client disconnecting (a watcher
 on `receive()`), and the overall timeout. Whatever the reason, `finally`
 closes both upstream requests, so no connection or task outlives the request.
+
+A pair that fails before any byte went to the client (connection refused or
+closed, or a 5xx from either side) is retried on another pair with a fresh
+room; a 4xx is the client's answer and is never retried.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -26,15 +31,16 @@ from minilb.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
+from minilb.membership import Membership
 from minilb.patch import RequestInfo, encode_fields, inject
 from minilb.policy import Selector
 from minilb.responses import send_bytes, send_error
-from minilb.servers import Server, ServerSet
+from minilb.servers import Server
+from minilb.shared import SERVER_IN_FLIGHT
 from minilb.types import Headers, Receive, Scope, Send
 
 logger = logging.getLogger("minilb.proxy")
 
-_FORWARDED_HEADERS = frozenset({b"authorization", b"x-request-id", b"traceparent"})
 _ROOM_BITS = 63
 _error_decoder = msgspec.json.Decoder()
 
@@ -42,19 +48,31 @@ _error_decoder = msgspec.json.Decoder()
 class _Exchange:
     """Why the handling task was cancelled, and whether the answer was complete."""
 
-    __slots__ = ("error", "finished", "reason", "task")
+    __slots__ = ("attempt", "client_gone", "error", "finished", "live", "reason", "task")
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task
+        self.attempt = 0
+        self.live = False  # an attempt is under way
+        self.client_gone = False
         self.reason: str | None = None
         self.error: HTTPError | None = None
         self.finished = False
 
     def interrupt(self, reason: str, error: HTTPError | None = None) -> None:
+        self.client_gone |= reason == "client"
         if self.reason is None and not self.finished and not self.task.done():
             self.reason = reason
             self.error = error
             self.task.cancel()
+
+
+class _Retry(Exception):
+    """The pair failed before the client saw a byte; try another pair."""
+
+    def __init__(self, error: HTTPError, server: Server) -> None:
+        self.error = error
+        self.server = server
 
 
 def _upstream_message(body: bytes) -> str:
@@ -71,17 +89,25 @@ def _upstream_message(body: bytes) -> str:
     return body[:500].decode("utf-8", "replace").strip()
 
 
+class ServerFailed(UpstreamFailed):
+    """A 502 that names the server it came from, so a retry can avoid it."""
+
+    def __init__(self, message: str, server: Server) -> None:
+        super().__init__(message)
+        self.server = server
+
+
 def status_error(server: Server, status: int, body: bytes) -> HTTPError:
     message = f"{server.role} server {server.url} answered {status}: {_upstream_message(body)}"
     if 400 <= status < 500:
         return UpstreamRejected(message, status=status)
-    return UpstreamFailed(message)
+    return ServerFailed(message, server)
 
 
 def transport_error(server: Server, exc: Exception) -> HTTPError:
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"{server.role} server {server.url} timed out: {exc}")
-    return UpstreamFailed(f"{server.role} server {server.url} failed: {exc}")
+    return ServerFailed(f"{server.role} server {server.url} failed: {exc}", server)
 
 
 async def _read_all(response: httpx.Response) -> bytes:
@@ -98,24 +124,40 @@ class PDProxy:
 
     def __init__(
         self,
-        servers: ServerSet,
+        membership: Membership,
         selector: Selector,
         transport: httpx.AsyncBaseTransport,
         *,
         timeout: float,
         rng: random.Random,
+        max_attempts: int = 1,
+        backoff: float = 0.0,
+        forward_headers: frozenset[bytes] = frozenset({b"authorization", b"x-request-id", b"traceparent"}),
     ) -> None:
-        self.servers = servers
+        self.membership = membership
         self.selector = selector
         self.transport = transport
         self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.forward_headers = forward_headers
         self._rng = rng
+        self._add = membership.shared.add
 
-    def pick(self) -> tuple[Server, Server]:
-        prefill, decode = self.servers.prefill, self.servers.decode
+    def pick(self, avoid: set[int]) -> tuple[Server, Server]:
+        servers = self.membership.servers()
+        prefill, decode = servers.healthy_prefill, servers.healthy_decode
         if not prefill or not decode:
             side = "prefill" if not prefill else "decode"
-            raise NoServerAvailable(f"no {side} server is available")
+            total = len(servers.prefill if side == "prefill" else servers.decode)
+            raise NoServerAvailable(
+                f"no healthy {side} server is available ({total} configured, all unhealthy)"
+                if total
+                else f"no {side} server is registered"
+            )
+        if avoid:
+            prefill = tuple(s for s in prefill if s.id not in avoid) or prefill
+            decode = tuple(s for s in decode if s.id not in avoid) or decode
         p, d = self.selector.pick(len(prefill), len(decode))
         return prefill[p], decode[d]
 
@@ -128,6 +170,43 @@ class PDProxy:
             rooms.add(bits(_ROOM_BITS))
         return list(rooms)
 
+    async def forward(
+        self, scope: Scope, receive: Receive, send: Send, body: bytes, info: RequestInfo
+    ) -> None:
+        headers: Headers = [(b"content-type", b"application/json")]
+        for name, value in scope["headers"]:
+            if name in self.forward_headers:
+                headers.append((name, value))
+        task = asyncio.current_task()
+        assert task is not None
+        exchange = _Exchange(task)
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, exchange))
+        avoid: set[int] = set()
+        try:
+            for attempt in range(1, self.max_attempts + 1):
+                if exchange.client_gone:
+                    return
+                exchange.attempt = attempt
+                prefill, decode = self.pick(avoid)
+                try:
+                    await self._exchange(send, scope["path"], body, headers, info, exchange,
+                                         prefill, decode, last=attempt == self.max_attempts)
+                    return
+                except _Retry as retry:
+                    avoid.add(retry.server.id)
+                    logger.warning("attempt %d failed, retrying on another pair: %s",
+                                   attempt, retry.error.message)
+                    await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+        except NoServerAvailable as error:
+            await send_error(send, error)
+        except asyncio.CancelledError:
+            if exchange.reason != "client":
+                raise
+            task.uncancel()  # the client left between two attempts
+        finally:
+            exchange.finished = True
+            watcher.cancel()
+
     async def _prefill(self, request: httpx.Request, server: Server) -> bytes:
         try:
             response = await self.transport.handle_async_request(request)
@@ -138,35 +217,32 @@ class PDProxy:
             raise status_error(server, response.status_code, body)
         return body
 
-    async def forward(
-        self, scope: Scope, receive: Receive, send: Send, body: bytes, info: RequestInfo
+    async def _exchange(
+        self,
+        send: Send,
+        path: str,
+        body: bytes,
+        headers: Headers,
+        info: RequestInfo,
+        exchange: _Exchange,
+        prefill: Server,
+        decode: Server,
+        *,
+        last: bool,
     ) -> None:
-        prefill, decode = self.pick()
+        """One attempt on one pair; raises _Retry when another pair may succeed."""
         payload = inject(
             body, encode_fields(prefill.bootstrap_host, prefill.bootstrap_port, self._rooms(info))
         )
-        headers: Headers = [(b"content-type", b"application/json")]
-        for name, value in scope["headers"]:
-            if name in _FORWARDED_HEADERS:
-                headers.append((name, value))
-        path = scope["path"]
-        task = asyncio.current_task()
-        assert task is not None
-        exchange = _Exchange(task)
-        loop = asyncio.get_running_loop()
-
-        def on_prefill_done(done: asyncio.Task[bytes]) -> None:
-            if done.cancelled():
-                return
-            exc = done.exception()
-            if exc is not None:
-                error = exc if isinstance(exc, HTTPError) else UpstreamFailed(str(exc))
-                exchange.interrupt("prefill", error)
-
+        task = exchange.task
+        exchange.reason = exchange.error = None
+        exchange.live = True
+        add = self._add
+        add(SERVER_IN_FLIGHT + 8 * prefill.id, 1)
+        add(SERVER_IN_FLIGHT + 8 * decode.id, 1)
         prefill_request = httpx.Request("POST", prefill.urls[path], headers=headers, content=payload)
-        prefill_task = loop.create_task(self._prefill(prefill_request, prefill))
-        prefill_task.add_done_callback(on_prefill_done)
-        watcher = loop.create_task(_watch_disconnect(receive, exchange))
+        prefill_task = asyncio.get_running_loop().create_task(self._prefill(prefill_request, prefill))
+        prefill_task.add_done_callback(_on_prefill_done(exchange, exchange.attempt))
         decode_request = httpx.Request("POST", decode.urls[path], headers=headers, content=payload)
         response: httpx.Response | None = None
         started = False
@@ -193,15 +269,12 @@ class PDProxy:
                     metas = logprobs.prefill_stream_metas(await _wait(prefill_task))
                     merger = logprobs.EventMerger(metas)
                 out_headers.append((b"cache-control", b"no-cache"))
-                start = {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": out_headers,
-                }
+                start = {"type": "http.response.start", "status": response.status_code,
+                         "headers": out_headers}
                 stream = response.stream
                 assert isinstance(stream, httpx.AsyncByteStream)
                 # The client's response starts with the decode's first event, not its
-                # headers: a failure before then is still answered as a plain error.
+                # headers: a failure before then can still be retried or answered plainly.
                 async for chunk in stream:
                     if merger is not None:
                         chunk = merger.feed(chunk)
@@ -226,34 +299,57 @@ class PDProxy:
                 logger.info("client went away; closed %s and %s", prefill.url, decode.url)
                 return
             assert exchange.error is not None
-            await _fail(send, exchange.error, started)
+            await self._fail(send, exchange.error, started, last)
         except TimeoutError:
-            await _fail(
-                send,
-                UpstreamTimeout(
-                    f"prefill {prefill.url} and decode {decode.url} did not finish within "
-                    f"{self.timeout:g} s"
-                ),
-                started,
+            error = UpstreamTimeout(
+                f"prefill {prefill.url} and decode {decode.url} did not finish within {self.timeout:g} s"
             )
+            await self._fail(send, error, started, last=True)
         except HTTPError as error:
-            await _fail(send, error, started)
+            await self._fail(send, error, started, last)
         except httpx.TransportError as exc:
-            await _fail(send, transport_error(decode, exc), started)
+            await self._fail(send, transport_error(decode, exc), started, last)
         finally:
-            exchange.finished = True
-            watcher.cancel()
+            exchange.live = False
             if not prefill_task.done():
                 prefill_task.cancel()
             if response is not None:
                 await response.aclose()
+            add(SERVER_IN_FLIGHT + 8 * prefill.id, -1)
+            add(SERVER_IN_FLIGHT + 8 * decode.id, -1)
+
+    async def _fail(self, send: Send, error: HTTPError, started: bool, last: bool) -> None:
+        if isinstance(error, ServerFailed) and not started and not last:
+            raise _Retry(error, error.server)
+        if error.status >= 500:
+            logger.warning("%s", error.message)
+        if not started:
+            await send_error(send, error)
+            return
+        await send({
+            "type": "http.response.body",
+            "body": b"data: " + error.body() + b"\n\ndata: [DONE]\n\n",
+            "more_body": False,
+        })
+
+
+def _on_prefill_done(exchange: _Exchange, attempt: int) -> Callable[[asyncio.Task[bytes]], None]:
+    def callback(done: asyncio.Task[bytes]) -> None:
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if exc is not None and exchange.live and exchange.attempt == attempt:
+            error = exc if isinstance(exc, HTTPError) else UpstreamFailed(str(exc))
+            exchange.interrupt("prefill", error)
+
+    return callback
 
 
 async def _wait(prefill_task: asyncio.Task[bytes]) -> bytes:
     """The prefill's body once it is done; its failure arrives as cancellation instead."""
     await asyncio.wait((prefill_task,))
     if prefill_task.cancelled() or prefill_task.exception() is not None:
-        # on_prefill_done has interrupted us; let that cancellation land.
+        # _on_prefill_done has interrupted us; let that cancellation land.
         await asyncio.sleep(0)
         raise UpstreamFailed("prefill request did not complete")
     return prefill_task.result()
@@ -265,18 +361,3 @@ async def _watch_disconnect(receive: Receive, exchange: _Exchange) -> None:
         if message["type"] == "http.disconnect":
             exchange.interrupt("client")
             return
-
-
-async def _fail(send: Send, error: HTTPError, started: bool) -> None:
-    if error.status >= 500:
-        logger.warning("%s", error.message)
-    if not started:
-        await send_error(send, error)
-        return
-    await send(
-        {
-            "type": "http.response.body",
-            "body": b"data: " + error.body() + b"\n\ndata: [DONE]\n\n",
-            "more_body": False,
-        }
-    )

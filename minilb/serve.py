@@ -8,8 +8,8 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from minilb import config as config_mod
+from minilb import gunicorn_hooks as hooks
 from minilb.config import Config
-from minilb.gunicorn_hooks import on_starting
 
 
 def bind_address(host: str, port: int) -> str:
@@ -27,7 +27,10 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "timeout": 60,
         "loglevel": config.log_level,
         "control_socket_disable": True,
-        "on_starting": on_starting,
+        "on_starting": hooks.on_starting,
+        "pre_fork": hooks.pre_fork,
+        "post_fork": hooks.post_fork,
+        "child_exit": hooks.child_exit,
     }
 
 

@@ -54,6 +54,7 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 HOST = "127.0.0.1"
 BALANCERS = ("minilb", "rust", "mini_lb")
 SCENARIOS = ("nonstream", "stream", "c1")
+MINILB = [sys.executable, "-m", "minilb"]
 PROMPT = "The quick brown fox jumps over the lazy dog, " * 4
 
 # wrk prints one JSON line at the end (latency in microseconds).
@@ -85,11 +86,14 @@ class Processes:
 
     def __init__(self) -> None:
         self._procs: list[subprocess.Popen[bytes]] = []
+        self.minilb_env: dict[str, str] | None = None  # set by --minilb-ref
 
-    def start(self, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    def start(
+        self, argv: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         with log_path.open("wb") as out:
             proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,  # Ctrl-C reaches us only; we stop them in order
             )
         self._procs.append(proc)
@@ -396,8 +400,7 @@ class Bench:
         decode = f"http://{HOST}:{self.decode_port}"
         pin = ["taskset", "-c", LB_CORE]
         if name == "minilb":
-            minilb = str(Path(sys.executable).parent / "minilb")
-            return [*pin, minilb, "serve", "--host", HOST, "--port", str(port), "--workers", "1",
+            return [*pin, *MINILB, "serve", "--host", HOST, "--port", str(port), "--workers", "1",
                     "--log-level", "warning", "--prefill", f"{prefill} {self.bootstrap_port}",
                     "--decode", decode]
         common = ["--pd-disaggregation", "--prefill", prefill, str(self.bootstrap_port),
@@ -426,12 +429,30 @@ class Bench:
             cpu_us_per_req=cpu / requests if requests else float("nan"), cpu_pct=100 * cpu / wall_us,
         )
 
+    def start_balancer(self, name: str, rnd: int) -> tuple[subprocess.Popen[bytes], int] | None:
+        """Start and wait for one balancer; a second try on a new port, else None."""
+        body = json.dumps(generate_body(4, False)).encode()
+        for attempt in (1, 2):
+            port = free_port()
+            log_path = self.workdir / f"{name}-{rnd}-{attempt}.log"
+            env = self.procs.minilb_env if name == "minilb" else None
+            proc = self.procs.start(self.balancer_argv(name, port), log_path, env)
+            try:
+                wait_http(f"http://{HOST}:{port}/generate", proc, body, timeout=60)
+                return proc, port
+            except RuntimeError as exc:
+                tail = log_path.read_text(errors="replace")[-1500:]
+                log(f"round {rnd} {name} did not start (try {attempt}): {exc}\n{tail}")
+                self.procs.stop(proc)
+        log(f"round {rnd}: skipping {name}")
+        return None
+
     def run_balancer(self, name: str, rnd: int) -> None:
-        port = free_port()
-        proc = self.procs.start(self.balancer_argv(name, port), self.workdir / f"{name}-{rnd}.log")
+        started = self.start_balancer(name, rnd)
+        if started is None:
+            return
+        proc, port = started
         try:
-            body = json.dumps(generate_body(4, False)).encode()
-            wait_http(f"http://{HOST}:{port}/generate", proc, body, timeout=60)
             time.sleep(0.5)
             idle = worker_rss_mb(proc.pid)
             if self.args.warmup > 0:
@@ -439,7 +460,11 @@ class Bench:
                         self.args.warmup)
             round_results = []
             for scenario in self.args.scenarios:
-                result = self.measure(name, proc.pid, port, scenario, rnd)
+                try:
+                    result = self.measure(name, proc.pid, port, scenario, rnd)
+                except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                    log(f"round {rnd} {name} {scenario} failed: {exc}")
+                    continue
                 round_results.append(result)
                 log(f"round {rnd} {name:8} {scenario:9} {result.rps:8.0f} req/s  "
                     f"p50 {result.p50_us / 1000:7.2f} ms  p99 {result.p99_us / 1000:7.2f} ms  "
@@ -526,7 +551,7 @@ def markdown(summary: dict[tuple[str, str], dict[str, float]], balancers: list[s
             lines.append(
                 f"| {balancer} | {scenario} | {_fmt(row['rps'])} | {_fmt(row['p50_us'] / 1000, 2)} "
                 f"| {_fmt(row['p99_us'] / 1000, 2)} | {int(row['errors'])} | {_fmt(row['cpu'])} "
-                f"| {_fmt(row['cpu_pct'])}% "
+                f"| {_fmt(row['cpu_pct'])}{'%' if row['cpu_pct'] == row['cpu_pct'] else ''} "
                 f"| {_fmt(row.get('added_us', float('nan')))} | {_fmt(row['rss_idle'], 1)} "
                 f"| {_fmt(row['rss_after'], 1)} |"
             )
@@ -571,6 +596,9 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated subset of nonstream,stream,c1")
     parser.add_argument("--bench-dir", type=Path, default=ROOT / ".bench",
                         help="where the router venv lives (default .bench)")
+    parser.add_argument("--minilb-ref", default=None,
+                        help="benchmark minilb (and run the simulators) as committed at this git "
+                             "ref, e.g. HEAD, instead of the working tree")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench_peers.md",
                         help="markdown report (raw rounds go beside it as .json)")
     args = parser.parse_args()
@@ -589,14 +617,25 @@ def _choices(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     return chosen
 
 
+def export_minilb(ref: str, workdir: Path) -> dict[str, str]:
+    """Check out the `minilb` package of a git ref into `workdir` (read-only `git archive`)
+    and return an environment that imports it before the editable install."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "minilb"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(workdir)], input=archive, check=True)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    log(f"minilb and its simulators run from {ref} ({commit})")
+    return {**os.environ, "PYTHONPATH": str(workdir)}
+
+
 def start_simulators(procs: Processes, workdir: Path) -> tuple[int, int, int]:
     prefill, bootstrap, decode = free_port(), free_port(), free_port()
-    minilb = str(Path(sys.executable).parent / "minilb")
     pin = ["taskset", "-c", LOAD_CORE]
     for role, port, extra in (("prefill", prefill, ["--bootstrap-port", str(bootstrap)]),
                               ("decode", decode, [])):
-        argv = [*pin, minilb, "sim", "--role", role, "--host", HOST, "--port", str(port), *extra]
-        proc = procs.start(argv, workdir / f"sim-{role}.log")
+        argv = [*pin, *MINILB, "sim", "--role", role, "--host", HOST, "--port", str(port), *extra]
+        proc = procs.start(argv, workdir / f"sim-{role}.log", procs.minilb_env)
         wait_http(f"http://{HOST}:{port}/health", proc, None, timeout=30)
     return prefill, bootstrap, decode
 
@@ -625,6 +664,8 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
         workdir = Path(tmp)
         lua = {"nonstream": write_lua(workdir, "nonstream", generate_body(16, False)),
                "stream": write_lua(workdir, "stream", generate_body(50, True))}
+        if args.minilb_ref:
+            procs.minilb_env = export_minilb(args.minilb_ref, workdir)
         ports = start_simulators(procs, workdir)
         log(f"simulators: prefill :{ports[0]} (bootstrap :{ports[1]}), decode :{ports[2]}")
         bench = Bench(args, procs, workdir, wrk, router_python, *ports, lua=lua)
@@ -637,7 +678,8 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
             if "c1" in args.scenarios:
                 bench.run_direct(rnd)
         report = markdown(summarize(bench.results), args.balancers)
-    header = (f"{args.rounds} round(s) x {args.duration:g} s per scenario; medians over rounds; "
+    source = f"minilb from {args.minilb_ref}" if args.minilb_ref else "minilb from the working tree"
+    header = (f"{source}; {args.rounds} round(s) x {args.duration:g} s per scenario; medians over rounds; "
               f"balancer on core {LB_CORE}, wrk + simulators on core {LOAD_CORE}")
     print(f"\n{header}\n\n{report}\n", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

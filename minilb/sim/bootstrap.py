@@ -189,6 +189,11 @@ class BootstrapClient:
             except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
                 if conn is not None:
                     conn[1].close()
+                # On 3.11 a cancellation that lands as a connect fails can be swallowed
+                # (by wait_for); a request whose client left must not retry on.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from None
                 await asyncio.sleep(min(self.RETRY_DELAY, max(deadline - time.monotonic(), 0)))
                 continue
             except BaseException:

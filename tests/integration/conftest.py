@@ -63,7 +63,7 @@ def pd() -> Iterator[PD]:
     sims = start_sims(1, 1)
     lb = None
     try:
-        lb = start_balancer(make_config(sims[:1], sims[1:], max_body_bytes=1 << 20))
+        lb = start_balancer(make_config(sims[:1], sims[1:], max_body_bytes=1 << 20, max_attempts=1))
         yield PD(sims[:1], sims[1:], lb)
     finally:
         if lb is not None:

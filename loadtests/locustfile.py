@@ -97,11 +97,14 @@ class _PDUser(FastHttpUser):  # type: ignore[misc]
             return
         chunks: list[bytes] = []
         first_event: float | None = None
+        # geventhttpclient's read(n) waits for n bytes; readline returns each event as it lands.
+        raw = response._response
         try:
-            for chunk in response.iter_content(chunk_size=65536, decode_content=False):
-                if first_event is None and b"data:" in chunk:
+            while event := raw.readline(b"\n\n"):
+                if first_event is None and event.startswith(b"data:"):
                     first_event = time.perf_counter()
-                chunks.append(chunk)
+                chunks.append(event)
+            chunks.append(raw.read())  # anything after the last blank line
         except Exception as exc:  # a reset mid-stream: a failed request, not a crash
             response.failure(f"stream broke: {exc!r}")
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import httpx
+import msgspec
 
 from minilb.config import CONFIG_ENV, CONFIG_JSON_ENV, Config, build
 from tests.procs import SimProc, free_port
@@ -122,12 +124,12 @@ def start_balancer(config: Config, *, mode: Mode = "uvicorn", workers: int = 1) 
 
 
 def _to_toml(config: Config) -> str:
-    lines = [f"timeout_secs = {config.timeout_secs}", f'policy = "{config.policy}"',
-             f"max_body_bytes = {config.max_body_bytes}"]
-    for p in config.prefill:
-        lines += ["[[prefill]]", f'url = "{p.url}"']
-        if p.bootstrap_port is not None:
-            lines.append(f"bootstrap_port = {p.bootstrap_port}")
-    for d in config.decode:
-        lines += ["[[decode]]", f'url = "{d.url}"']
+    """The config as a TOML file (JSON scalars are TOML scalars); None values are left out."""
+    data = msgspec.to_builtins(config)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in data.items()
+             if v is not None and k not in ("prefill", "decode")]
+    for role in ("prefill", "decode"):
+        for server in data[role]:
+            lines.append(f"[[{role}]]")
+            lines.extend(f"{k} = {json.dumps(v)}" for k, v in server.items() if v is not None)
     return "\n".join(lines) + "\n"

@@ -34,7 +34,7 @@ def prompt(words: int, rng: random.Random) -> str:
 
 def generate_body(
     text: str | list[str], max_new_tokens: int, *, stream: bool = False, logprob: bool = False
-) -> bytes:
+) -> str:
     body: dict[str, Any] = {
         "text": text,
         "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0},
@@ -43,10 +43,10 @@ def generate_body(
     if logprob:
         body["return_logprob"] = True
         body["logprob_start_len"] = 0
-    return json.dumps(body).encode()
+    return json.dumps(body)
 
 
-def chat_body(text: str, max_tokens: int, *, stream: bool = False) -> bytes:
+def chat_body(text: str, max_tokens: int, *, stream: bool = False) -> str:
     body: dict[str, Any] = {
         "model": "minilb-sim",
         "messages": [{"role": "user", "content": text}],
@@ -55,7 +55,7 @@ def chat_body(text: str, max_tokens: int, *, stream: bool = False) -> bytes:
     }
     if stream:
         body["stream_options"] = {"include_usage": True}
-    return json.dumps(body).encode()
+    return json.dumps(body)
 
 
 def _stream_problem(data: bytes) -> str | None:
@@ -74,7 +74,7 @@ class _PDUser(FastHttpUser):  # type: ignore[misc]
     wait_time = between(0, 0)
     rng = random.Random()
 
-    def post_json(self, path: str, body: bytes, name: str) -> None:
+    def post_json(self, path: str, body: str, name: str) -> None:
         with self.client.post(
             path, data=body, headers=_JSON, name=name, catch_response=True
         ) as response:
@@ -83,7 +83,7 @@ class _PDUser(FastHttpUser):  # type: ignore[misc]
             elif not response.content or response.content[:1] not in (b"{", b"["):
                 response.failure("body is not JSON")
 
-    def post_stream(self, path: str, body: bytes, name: str) -> None:
+    def post_stream(self, path: str, body: str, name: str) -> None:
         """One streamed request: timed to its end, plus a "<name> TTFE" entry."""
         started = time.perf_counter()
         with self.client.post(
@@ -99,6 +99,9 @@ class _PDUser(FastHttpUser):  # type: ignore[misc]
         first_event: float | None = None
         # geventhttpclient's read(n) waits for n bytes; readline returns each event as it lands.
         raw = response._response
+        if raw is None:
+            response.failure("no response")
+            return
         try:
             while event := raw.readline(b"\n\n"):
                 if first_event is None and event.startswith(b"data:"):

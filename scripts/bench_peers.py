@@ -560,7 +560,7 @@ def markdown(summary: dict[tuple[str, str], dict[str, float]], balancers: list[s
 
 
 def ratio_lines(summary: dict[tuple[str, str], dict[str, float]], balancers: list[str]) -> list[str]:
-    peers = [p for p in ("rust", "mini_lb") if p in balancers and p != "minilb"]
+    peers = [p for p in ("rust", "mini_lb") if p in balancers]
     if "minilb" not in balancers or not peers:
         return []
     header = "| scenario | figure | " + " | ".join(f"minilb / {p}" for p in peers) + " |"

@@ -88,11 +88,12 @@ def test_workers_killed_under_load_never_block_the_others(lb: Balancer, sims: li
     killed: list[int] = []
 
     def killer() -> None:
-        while not stop.wait(0.3):
+        while len(killed) < 6 and not stop.wait(0.3):
             workers = lb.workers()
             if workers:
-                os.kill(workers[len(killed) % len(workers)], signal.SIGKILL)
-                killed.append(workers[0])
+                victim = workers[len(killed) % len(workers)]
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
 
     thread = threading.Thread(target=killer)
     thread.start()
@@ -102,7 +103,8 @@ def test_workers_killed_under_load_never_block_the_others(lb: Balancer, sims: li
         stop.set()
         thread.join()
     assert len(killed) >= 3
-    assert outcomes["ok"] >= 1000, outcomes
+    # Only requests in flight on a killed worker (or sent on its connections) may fail.
+    assert outcomes["ok"] >= 1500 - len(killed) * 32, outcomes
     # Service goes on: Gunicorn replaced the workers and every one of them answers.
     time.sleep(1.0)
     after = asyncio.run(load(lb.url, 300, 16))

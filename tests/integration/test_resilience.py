@@ -137,7 +137,7 @@ def test_the_prober_moves_to_another_worker_when_its_worker_dies(
 
 
 def test_servers_added_and_removed_at_run_time(lb: Balancer, sims: list[SimProc]) -> None:
-    prefills, decodes = split(sims)
+    _, decodes = split(sims)
     extra = start_sim("decode")
     try:
         r = httpx.post(f"{lb.url}/workers", json={"url": extra.url, "role": "decode"})

@@ -28,6 +28,7 @@ from minilb.responses import ClientGone, header, read_body, send_bytes, send_err
 from minilb.shared import SharedState
 from minilb.transport import LeanTransport
 from minilb.types import Receive, Scope, Send
+from minilb.upstream import sender_for
 
 logger = logging.getLogger("minilb")
 
@@ -57,7 +58,7 @@ class Runtime:
         self.proxy = PDProxy(
             self.membership,
             make_selector(config.policy, shared.tickets, rng),
-            self.transport,
+            sender_for(self.transport),
             timeout=config.timeout_secs,
             rng=rng,
             max_attempts=config.max_attempts,
@@ -184,6 +185,12 @@ class MiniLB:
             await send_error(send, error, extra)
         except ClientGone:
             return
+        except Exception:
+            # A bug, not the client's fault: log it, and answer in the same shape as
+            # every other error (when the response has not started, else uvicorn ends it).
+            logger.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            with contextlib.suppress(Exception):
+                await send_error(send, HTTPError("internal error in minilb; see its log"))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

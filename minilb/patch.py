@@ -100,8 +100,13 @@ def inspect(body: bytes, *, generate: bool) -> RequestInfo:
         raise BadRequest(message) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    size = _batch_size(view.text, "text")
-    ids_size = _batch_size(view.input_ids, "input_ids")
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
+    try:
+        size = _batch_size(view.text, "text")
+        ids_size = _batch_size(view.input_ids, "input_ids")
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
     if size is None:
         size = ids_size
     elif ids_size is not None and ids_size != size:
@@ -137,8 +142,13 @@ def inject(body: bytes, fields: bytes) -> bytes:
 
     `body` must already have passed `inspect`, so it is a JSON object.
     """
-    if b'"bootstrap_' in body:
-        members = _raw_dict_decoder.decode(body)
+    # A key can be spelt with escapes ("bootstrap\u005froom"), so any body with a
+    # backslash-u is decoded too; only its top-level keys are, values stay Raw.
+    if b"bootstrap" in body or b"\\u" in body:
+        try:
+            members = _raw_dict_decoder.decode(body)
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
         if any(key in members for key in BOOTSTRAP_KEYS):
             for key in BOOTSTRAP_KEYS:
                 members.pop(key, None)

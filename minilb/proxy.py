@@ -37,7 +37,9 @@ from minilb.policy import Selector
 from minilb.responses import send_bytes, send_error
 from minilb.servers import Server
 from minilb.shared import SERVER_IN_FLIGHT
+from minilb.transport import RawResponse
 from minilb.types import Headers, Receive, Scope, Send
+from minilb.upstream import Sender
 
 logger = logging.getLogger("minilb.proxy")
 
@@ -48,7 +50,7 @@ _error_decoder = msgspec.json.Decoder()
 class _Exchange:
     """Why the handling task was cancelled, and whether the answer was complete."""
 
-    __slots__ = ("attempt", "client_gone", "error", "finished", "live", "reason", "task")
+    __slots__ = ("attempt", "client_gone", "error", "finished", "live", "reason", "task", "watcher")
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task
@@ -58,6 +60,7 @@ class _Exchange:
         self.reason: str | None = None
         self.error: HTTPError | None = None
         self.finished = False
+        self.watcher: asyncio.Task[None] | None = None
 
     def interrupt(self, reason: str, error: HTTPError | None = None) -> None:
         self.client_gone |= reason == "client"
@@ -65,6 +68,11 @@ class _Exchange:
             self.reason = reason
             self.error = error
             self.task.cancel()
+
+    def watch(self, receive: Receive) -> None:
+        """Start watching for the client going away."""
+        if not self.finished:
+            self.watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, self))
 
 
 class _Retry(Exception):
@@ -110,13 +118,17 @@ def transport_error(server: Server, exc: Exception) -> HTTPError:
     return ServerFailed(f"{server.role} server {server.url} failed: {exc}", server)
 
 
-async def _read_all(response: httpx.Response) -> bytes:
+async def _read_all(response: RawResponse) -> bytes:
     stream = response.stream
-    assert isinstance(stream, httpx.AsyncByteStream)
     try:
         return b"".join([chunk async for chunk in stream])
     finally:
         await stream.aclose()
+
+
+# A request shorter than this never starts a disconnect watcher: a task per
+# request costs more than the little a fast request could save by stopping early.
+_WATCH_AFTER = 0.05
 
 
 class PDProxy:
@@ -126,7 +138,7 @@ class PDProxy:
         self,
         membership: Membership,
         selector: Selector,
-        transport: httpx.AsyncBaseTransport,
+        sender: Sender,
         *,
         timeout: float,
         rng: random.Random,
@@ -136,7 +148,7 @@ class PDProxy:
     ) -> None:
         self.membership = membership
         self.selector = selector
-        self.transport = transport
+        self.sender = sender
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.backoff = backoff
@@ -170,21 +182,30 @@ class PDProxy:
             rooms.add(bits(_ROOM_BITS))
         return list(rooms)
 
+    def _timeout_error(self) -> UpstreamTimeout:
+        return UpstreamTimeout(f"the request did not finish within {self.timeout:g} s")
+
     async def forward(
         self, scope: Scope, receive: Receive, send: Send, body: bytes, info: RequestInfo
     ) -> None:
-        headers: Headers = [(b"content-type", b"application/json")]
+        headers: Headers = []
         for name, value in scope["headers"]:
             if name in self.forward_headers:
                 headers.append((name, value))
         task = asyncio.current_task()
         assert task is not None
         exchange = _Exchange(task)
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, exchange))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        timer = loop.call_at(deadline, exchange.interrupt, "timeout", self._timeout_error())
+        watch = loop.call_later(_WATCH_AFTER, exchange.watch, receive)
         avoid: set[int] = set()
         try:
             for attempt in range(1, self.max_attempts + 1):
                 if exchange.client_gone:
+                    return
+                if loop.time() >= deadline:
+                    await send_error(send, self._timeout_error())
                     return
                 exchange.attempt = attempt
                 prefill, decode = self.pick(avoid)
@@ -200,21 +221,27 @@ class PDProxy:
         except NoServerAvailable as error:
             await send_error(send, error)
         except asyncio.CancelledError:
-            if exchange.reason != "client":
+            # Between two attempts: the client left, or the time ran out.
+            if exchange.reason not in ("client", "timeout"):
                 raise
-            task.uncancel()  # the client left between two attempts
+            task.uncancel()
+            if exchange.reason == "timeout" and exchange.error is not None:
+                await send_error(send, exchange.error)
         finally:
             exchange.finished = True
-            watcher.cancel()
+            timer.cancel()
+            watch.cancel()
+            if exchange.watcher is not None:
+                exchange.watcher.cancel()
 
-    async def _prefill(self, request: httpx.Request, server: Server) -> bytes:
+    async def _prefill(self, server: Server, path: str, headers: Headers, payload: bytes) -> bytes:
         try:
-            response = await self.transport.handle_async_request(request)
+            response = await self.sender.post(server, path, headers, payload)
             body = await _read_all(response)
         except httpx.TransportError as exc:
             raise transport_error(server, exc) from None
-        if response.status_code >= 400:
-            raise status_error(server, response.status_code, body)
+        if response.status >= 400:
+            raise status_error(server, response.status, body)
         return body
 
     async def _exchange(
@@ -240,57 +267,54 @@ class PDProxy:
         add = self._add
         add(SERVER_IN_FLIGHT + 8 * prefill.id, 1)
         add(SERVER_IN_FLIGHT + 8 * decode.id, 1)
-        prefill_request = httpx.Request("POST", prefill.urls[path], headers=headers, content=payload)
-        prefill_task = asyncio.get_running_loop().create_task(self._prefill(prefill_request, prefill))
+        prefill_task = asyncio.get_running_loop().create_task(self._prefill(prefill, path, headers, payload))
         prefill_task.add_done_callback(_on_prefill_done(exchange, exchange.attempt))
-        decode_request = httpx.Request("POST", decode.urls[path], headers=headers, content=payload)
-        response: httpx.Response | None = None
+        response: RawResponse | None = None
         started = False
         try:
-            async with asyncio.timeout(self.timeout):
-                try:
-                    response = await self.transport.handle_async_request(decode_request)
-                except httpx.TransportError as exc:
-                    raise transport_error(decode, exc) from None
-                if response.status_code >= 400:
-                    raise status_error(decode, response.status_code, await _read_all(response))
-                content_type = response.headers.get("content-type", "application/json").encode()
-                out_headers: Headers = [(b"content-type", content_type)]
-                if not info.stream:
-                    answer = await _read_all(response)
-                    prefill_body = await _wait(prefill_task)
-                    if info.return_logprob:
-                        answer = logprobs.merge_json(answer, prefill_body)
-                    exchange.finished = True
-                    await send_bytes(send, response.status_code, answer, out_headers)
-                    return
-                merger = None
+            try:
+                response = await self.sender.post(decode, path, headers, payload)
+            except httpx.TransportError as exc:
+                raise transport_error(decode, exc) from None
+            if response.status >= 400:
+                raise status_error(decode, response.status, await _read_all(response))
+            content_type = response.header(b"content-type") or b"application/json"
+            if not info.stream:
+                answer = await _read_all(response)
+                prefill_body = await _wait(prefill_task)
                 if info.return_logprob:
-                    metas = logprobs.prefill_stream_metas(await _wait(prefill_task))
-                    merger = logprobs.EventMerger(metas)
-                out_headers.append((b"cache-control", b"no-cache"))
-                start = {"type": "http.response.start", "status": response.status_code,
-                         "headers": out_headers}
-                stream = response.stream
-                assert isinstance(stream, httpx.AsyncByteStream)
-                # The client's response starts with the decode's first event, not its
-                # headers: a failure before then can still be retried or answered plainly.
-                async for chunk in stream:
-                    if merger is not None:
-                        chunk = merger.feed(chunk)
-                        if not chunk:
-                            continue
-                    if not started:
-                        await send(start)
-                        started = True
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                tail = merger.flush() if merger is not None else b""
-                await _wait(prefill_task)
+                    answer = logprobs.merge_json(answer, prefill_body)
                 exchange.finished = True
+                out = [(b"content-type", content_type), (b"content-length", b"%d" % len(answer))]
+                await send_bytes(send, response.status, answer, out)
+                return
+            merger = None
+            if info.return_logprob:
+                metas = logprobs.prefill_stream_metas(await _wait(prefill_task))
+                merger = logprobs.EventMerger(metas)
+            start = {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [(b"content-type", content_type), (b"cache-control", b"no-cache")],
+            }
+            # The client's response starts with the decode's first event, not its
+            # headers: a failure before then can still be retried or answered plainly.
+            async for chunk in response.stream:
+                if merger is not None:
+                    chunk = merger.feed(chunk)
+                    if not chunk:
+                        continue
                 if not started:
                     await send(start)
                     started = True
-                await send({"type": "http.response.body", "body": tail})
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            tail = merger.flush() if merger is not None else b""
+            await _wait(prefill_task)
+            exchange.finished = True
+            if not started:
+                await send(start)
+                started = True
+            await send({"type": "http.response.body", "body": tail})
         except asyncio.CancelledError:
             if exchange.reason is None:
                 raise  # the server is shutting down: not ours to swallow
@@ -299,12 +323,7 @@ class PDProxy:
                 logger.info("client went away; closed %s and %s", prefill.url, decode.url)
                 return
             assert exchange.error is not None
-            await self._fail(send, exchange.error, started, last)
-        except TimeoutError:
-            error = UpstreamTimeout(
-                f"prefill {prefill.url} and decode {decode.url} did not finish within {self.timeout:g} s"
-            )
-            await self._fail(send, error, started, last=True)
+            await self._fail(send, exchange.error, started, last or exchange.reason == "timeout")
         except HTTPError as error:
             await self._fail(send, error, started, last)
         except httpx.TransportError as exc:
@@ -314,7 +333,7 @@ class PDProxy:
             if not prefill_task.done():
                 prefill_task.cancel()
             if response is not None:
-                await response.aclose()
+                await response.stream.aclose()
             add(SERVER_IN_FLIGHT + 8 * prefill.id, -1)
             add(SERVER_IN_FLIGHT + 8 * decode.id, -1)
 
@@ -347,7 +366,8 @@ def _on_prefill_done(exchange: _Exchange, attempt: int) -> Callable[[asyncio.Tas
 
 async def _wait(prefill_task: asyncio.Task[bytes]) -> bytes:
     """The prefill's body once it is done; its failure arrives as cancellation instead."""
-    await asyncio.wait((prefill_task,))
+    if not prefill_task.done():
+        await asyncio.wait((prefill_task,))
     if prefill_task.cancelled() or prefill_task.exception() is not None:
         # _on_prefill_done has interrupted us; let that cancellation land.
         await asyncio.sleep(0)

@@ -35,6 +35,8 @@ class Server:
     healthy: bool = True
     bootstrap_host: str = ""
     urls: dict[str, httpx.URL] = field(default_factory=dict)
+    # The start of each generation request's head, rendered once.
+    heads: dict[str, bytes] = field(default_factory=dict)
 
     @classmethod
     def make(cls, record: ServerRecord) -> Server:
@@ -47,6 +49,11 @@ class Server:
             healthy=record.healthy,
             bootstrap_host=bootstrap_host(base),
             urls={path: httpx.URL(base + path) for path in GENERATION_PATHS},
+            heads={
+                path: b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+                % (path.encode(), base.split("://", 1)[1].encode())
+                for path in GENERATION_PATHS
+            },
         )
 
 

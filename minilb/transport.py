@@ -129,8 +129,13 @@ class _Connection(asyncio.Protocol):
         return self._head
 
     async def receive(self) -> bytes:
-        """The next piece of the response body; b"" once it is complete."""
-        while not self._chunks:
+        """All of the response body that has arrived and was not read yet; b"" at its end.
+
+        Pieces that arrived together are joined, so a burst of stream events goes
+        on to the client in one write instead of one write per event.
+        """
+        chunks = self._chunks
+        while not chunks:
             if self._complete:
                 return b""
             if self._error is not None:
@@ -140,8 +145,9 @@ class _Connection(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
+        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
         if self._paused and self._buffered < _LOW_WATER and self._transport is not None:
             self._paused = False
             self._transport.resume_reading()
@@ -162,6 +168,25 @@ class _Connection(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.abort()
             self._pool.forget(self)
+
+
+class RawResponse:
+    """A response head and its body stream, without httpx's objects (the hot path)."""
+
+    __slots__ = ("headers", "status", "stream")
+
+    def __init__(
+        self, status: int, headers: list[tuple[bytes, bytes]], stream: httpx.AsyncByteStream
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.stream = stream
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
 
 
 class _ResponseStream(httpx.AsyncByteStream):
@@ -266,7 +291,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
         return sum(len(pool.open) for pool in self._pools.values())
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        pool = self._pool(request.url)
         try:
             body = request.content
         except httpx.RequestNotRead:
@@ -276,33 +300,44 @@ class LeanTransport(httpx.AsyncBaseTransport):
             head.append(b"%s: %s\r\n" % (name, value))
         head.append(b"\r\n")
         head.append(body)
-        data = b"".join(head)
         timeout = request.extensions.get("timeout", {}).get("read")
+        raw = await self.send_raw(request.url, b"".join(head), timeout)
+        return httpx.Response(
+            raw.status,
+            headers=raw.headers,
+            stream=raw.stream,
+            extensions={"http_version": b"HTTP/1.1"},
+            request=request,
+        )
+
+    async def send_raw(
+        self, url: httpx.URL, data: bytes, read_timeout: float | None = None
+    ) -> RawResponse:
+        """Send a request already rendered as bytes (head and body) to `url`'s origin.
+
+        The hot path renders each server's request head once and calls this
+        directly, skipping the ~15 µs of building `httpx.Request`/`Response`.
+        """
+        pool = self._pool(url)
         for attempt in (1, 2):
             conn = await pool.acquire()
             try:
                 waiting = conn.send(data)
-                if timeout is None:
+                if read_timeout is None:
                     status, headers = await waiting
                 else:
-                    status, headers = await asyncio.wait_for(waiting, timeout)
+                    status, headers = await asyncio.wait_for(waiting, read_timeout)
             except _StaleConnection:
                 if attempt == 1:
                     continue
                 raise httpx.ReadError(f"{pool.origin} closed the connection") from None
             except TimeoutError:
                 conn.abort()
-                raise httpx.ReadTimeout(f"{pool.origin} did not answer in {timeout} s") from None
+                raise httpx.ReadTimeout(f"{pool.origin} did not answer in {read_timeout} s") from None
             except BaseException:
                 conn.abort()
                 raise
-            return httpx.Response(
-                status,
-                headers=headers,
-                stream=_ResponseStream(conn),
-                extensions={"http_version": b"HTTP/1.1"},
-                request=request,
-            )
+            return RawResponse(status, headers, _ResponseStream(conn))
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:

@@ -473,16 +473,18 @@ def test_a_slow_client_makes_the_decode_wait_not_minilb_buffer(pd: PD) -> None:
         growth = rss_kib(lb.popen.pid) - rss_before
 
         # Now read the rest: the stream completes.
-        sock.settimeout(30)
+        received = bytearray(data)
         while chunk := sock.recv(1 << 20):
-            data += chunk
+            received += chunk
     finally:
         sock.close()
     total = sent()
     assert total > 20_000_000, f"the stream was only {total} bytes"
-    assert stalled_at < total / 3, f"decode sent {stalled_at} of {total} bytes to a client that read nothing"
-    assert growth < 16 * 1024, f"minilb's RSS grew by {growth} KiB while holding a stalled stream"
-    assert data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), data[-200:]
+    # What the decode got out is what the kernel's socket buffers took (about 10 MB here), not
+    # what minilb read and kept: its own buffer is capped at 256 KiB, and RSS tells the rest.
+    assert stalled_at < total / 2, f"decode sent {stalled_at} of {total} bytes to a client that read nothing"
+    assert growth < 16 * 1024, f"minilb's RSS grew by {growth} KiB holding a stream of {total} bytes"
+    assert received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), received[-200:]
     assert decode.stats()["events_sent"] == tokens + 1
     assert wait_until(lambda: decode.stats()["in_flight"] == 0, 3.0)
 
@@ -637,16 +639,17 @@ def test_health_flapping_under_gunicorn_loses_nothing(pd: PD, more_sims: list[Si
         assert len(workers) == 2
         assert asyncio.run(_load(lb.url, 64, 16)) == {"ok": 64}  # fill the pools
         fds_before = {pid: open_fds(pid) for pid in workers}
+        for sim in decodes:  # requests of 50-130 ms: the load spans several flips
+            sim.set_knobs(ttft=0.05, itl=0.02)
         flapper = threading.Thread(target=flap, daemon=True)
         flapper.start()
         try:
-            start = time.monotonic()
             outcomes = asyncio.run(_load(lb.url, 200, 16))
-            if time.monotonic() - start < 1.0:  # make sure the health really flapped during load
-                outcomes += asyncio.run(_load(lb.url, 100, 16))
         finally:
             stop.set()
             flapper.join(5)
+            for sim in decodes:
+                sim.set_knobs(**KNOBS_OFF)
         assert set(outcomes) == {"ok"}, outcomes
         assert flips >= 4
         assert "UNHEALTHY" in lb.output()

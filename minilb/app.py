@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import httpx
 import msgspec
 
 from minilb import config as config_mod
+from minilb.accesslog import RequestLog, access_logger, request_id
 from minilb.admin import Admin
 from minilb.admission import Admission
 from minilb.config import Config
@@ -21,6 +23,7 @@ from minilb.control import ControlPlane
 from minilb.errors import HTTPError, MethodNotAllowed, NotFound
 from minilb.health import HealthTracker, Prober
 from minilb.membership import Membership
+from minilb.metrics import ROUTE_INDEX, Metrics, render
 from minilb.patch import inspect
 from minilb.policy import make_selector
 from minilb.proxy import PDProxy
@@ -34,7 +37,8 @@ logger = logging.getLogger("minilb")
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-_FORWARDED = frozenset({b"authorization", b"x-request-id", b"traceparent"})
+_FORWARDED = frozenset({b"authorization", b"traceparent"})
+_PROMETHEUS = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 
 
 class Unauthorized(HTTPError):
@@ -55,12 +59,14 @@ class Runtime:
         self.transport = transport or LeanTransport(connect_timeout=config.connect_timeout_secs)
         rng = random.Random()  # seeded per worker: rooms must differ across forked workers
         self.membership = Membership(shared)
+        self.metrics = Metrics(shared.metrics, slot)
         self.proxy = PDProxy(
             self.membership,
             make_selector(config.policy, shared.tickets, rng),
             sender_for(self.transport),
             timeout=config.timeout_secs,
             rng=rng,
+            metrics=self.metrics,
             max_attempts=config.max_attempts,
             backoff=config.retry_backoff_secs,
             # With a client key, the client's Authorization is minilb's, not the servers'.
@@ -134,6 +140,7 @@ class MiniLB:
             "/v1/models": {"GET": self._models},
             "/register": {"POST": self._register},
             "/workers": {"GET": self._list_workers, "POST": self._add_worker},
+            "/metrics": {"GET": self._metrics},
         }
         self._inference = {"/generate", "/v1/chat/completions", "/v1/completions"}
         self._admin = {"/register", "/workers", "/flush_cache"}
@@ -141,6 +148,7 @@ class MiniLB:
             logger.warning("no admin key: /register, /workers and /flush_cache are open to anyone")
         if not config.api_key:
             logger.info("no API key: the inference routes are open to anyone")
+        self._access = access_logger(config.access_log)
 
     def _start(self) -> Runtime:
         if self.runtime is None:
@@ -176,13 +184,20 @@ class MiniLB:
         return handler
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = self.runtime or self._start()
+        log = RequestLog(scope, send, request_id(scope))
+        scope["minilb.request"] = log
+        send = log.send
         try:
             await self._route(scope)(scope, receive, send)
         except Unauthorized as error:
-            await send_error(send, error, [(b"www-authenticate", b"Bearer")])
+            await send_error(send, error, [(b"www-authenticate", b"Bearer")], log.rid)
         except HTTPError as error:
-            extra = [(b"retry-after", b"1")] if error.status == 429 else None
-            await send_error(send, error, extra)
+            extra = None
+            if error.status == 429:
+                extra = [(b"retry-after", b"1")]
+                runtime.metrics.rejected()
+            await send_error(send, error, extra, log.rid)
         except ClientGone:
             return
         except Exception:
@@ -190,7 +205,15 @@ class MiniLB:
             # every other error (when the response has not started, else uvicorn ends it).
             logger.exception("unexpected error on %s %s", scope["method"], scope["path"])
             with contextlib.suppress(Exception):
-                await send_error(send, HTTPError("internal error in minilb; see its log"))
+                await send_error(send, HTTPError("internal error in minilb; see its log"), None, log.rid)
+        finally:
+            elapsed = time.perf_counter() - log.start
+            route = _route_index(scope["path"])
+            runtime.metrics.request(route, log.status, elapsed)
+            if log.streamed:
+                runtime.metrics.first_byte(route, log.first_byte)
+            if self._access is not None:
+                self._access.info(log.line(self.config.access_log, elapsed))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -222,7 +245,7 @@ class MiniLB:
         info = inspect(body, generate=generate)
         runtime.admission.enter()
         try:
-            await runtime.proxy.forward(scope, receive, send, body, info)
+            await runtime.proxy.forward(scope, receive, send, body, info, scope["minilb.request"])
         finally:
             runtime.admission.leave()
 
@@ -263,6 +286,10 @@ class MiniLB:
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._start().control.from_prefill(send, "/v1/models")
 
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = self._start()
+        await send_bytes(send, 200, render(self.shared.metrics, self.shared, runtime.membership), _PROMETHEUS)
+
     # membership
 
     async def _register(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -278,6 +305,13 @@ class MiniLB:
 
     async def _remove_worker(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._start().admin.remove_worker(send, scope["path"])
+
+
+def _route_index(path: str) -> int:
+    index = ROUTE_INDEX.get(path)
+    if index is None:
+        index = ROUTE_INDEX["/workers" if path.startswith("/workers/") else "other"]
+    return index
 
 
 def _json(value: Any) -> bytes:

@@ -110,6 +110,25 @@ BodyOpt = Annotated[
     int | None, typer.Option(envvar="MINILB_MAX_BODY_BYTES", help="Largest request body [64 MiB].")
 ]
 LogOpt = Annotated[str | None, typer.Option(envvar="MINILB_LOG_LEVEL", help="debug, info, warning, error.")]
+AccessOpt = Annotated[
+    str | None, typer.Option(envvar="MINILB_ACCESS_LOG", help="Access log: off (default), plain or json.")
+]
+AttemptsOpt = Annotated[
+    int | None, typer.Option(envvar="MINILB_MAX_ATTEMPTS", help="Tries per request on different pairs [3].")
+]
+InFlightOpt = Annotated[
+    int | None,
+    typer.Option(envvar="MINILB_MAX_IN_FLIGHT", help="Cap on requests in flight; then 429 [0: none]."),
+]
+HealthOpt = Annotated[
+    float | None, typer.Option(envvar="MINILB_HEALTH_INTERVAL", help="Seconds between health checks [5].")
+]
+AdminKeyOpt = Annotated[
+    str | None, typer.Option(envvar="MINILB_ADMIN_KEY", help="Bearer key for the admin routes.")
+]
+ApiKeyOpt = Annotated[
+    str | None, typer.Option(envvar="MINILB_API_KEY", help="Bearer key for the inference routes.")
+]
 
 
 @cli.command()
@@ -124,6 +143,12 @@ def serve(
     timeout_secs: TimeoutOpt = None,
     max_body_bytes: BodyOpt = None,
     log_level: LogOpt = None,
+    access_log: AccessOpt = None,
+    max_attempts: AttemptsOpt = None,
+    max_in_flight: InFlightOpt = None,
+    health_check_interval_secs: HealthOpt = None,
+    admin_key: AdminKeyOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Run the balancer under Gunicorn with uvicorn workers."""
     from minilb.serve import run
@@ -132,6 +157,8 @@ def serve(
         config = build_config(
             config_file, prefill, decode, host=host, port=port, policy=policy, workers=workers,
             timeout_secs=timeout_secs, max_body_bytes=max_body_bytes, log_level=log_level,
+            access_log=access_log, max_attempts=max_attempts, max_in_flight=max_in_flight,
+            health_check_interval_secs=health_check_interval_secs, admin_key=admin_key, api_key=api_key,
         )
     except ConfigError as error:
         raise _fail(error) from None
@@ -152,6 +179,23 @@ def check_config(path: Annotated[Path, typer.Argument(help="The TOML file to che
         typer.echo(f"  prefill {p.url} (bootstrap port {port})")
     for d in config.decode:
         typer.echo(f"  decode  {d.url}")
+
+
+@cli.command()
+def status(
+    url: Annotated[str, typer.Option(envvar="MINILB_URL", help="The balancer's address.")] = "http://127.0.0.1:8000",
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every --interval seconds.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 2.0,
+    admin_key: AdminKeyOpt = None,
+) -> None:
+    """A table of the servers behind a running balancer: health, load, requests, errors."""
+    from minilb.status import StatusError, show
+
+    try:
+        show(url, watch=watch, interval=interval, admin_key=admin_key)
+    except StatusError as error:
+        typer.secho(f"minilb: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
 
 
 @cli.command()

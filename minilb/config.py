@@ -79,6 +79,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     health_success_threshold: Annotated[int, Meta(ge=1)] = 1
     admin_key: str | None = None
     api_key: str | None = None
+    # observability
+    access_log: Literal["off", "plain", "json"] = "off"
 
     def __post_init__(self) -> None:
         if not self.prefill:

@@ -40,10 +40,11 @@ class HTTPError(MinilbError):
         if status is not None:
             self.status = status
 
-    def body(self) -> bytes:
-        return _ENCODER.encode(
-            {"error": {"message": self.message, "type": self.type, "code": self.status}}
-        )
+    def body(self, request_id: bytes | None = None) -> bytes:
+        error: dict[str, object] = {"message": self.message, "type": self.type, "code": self.status}
+        if request_id is not None:
+            error["request_id"] = request_id.decode("latin-1")
+        return _ENCODER.encode({"error": error})
 
 
 class BadRequest(HTTPError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ import httpx
 import msgspec
 
 from minilb import logprobs
+from minilb.accesslog import RequestLog
 from minilb.errors import (
     HTTPError,
     NoServerAvailable,
@@ -32,6 +34,7 @@ from minilb.errors import (
     UpstreamTimeout,
 )
 from minilb.membership import Membership
+from minilb.metrics import Metrics
 from minilb.patch import RequestInfo, encode_fields, inject
 from minilb.policy import Selector
 from minilb.responses import send_bytes, send_error
@@ -50,10 +53,11 @@ _error_decoder = msgspec.json.Decoder()
 class _Exchange:
     """Why the handling task was cancelled, and whether the answer was complete."""
 
-    __slots__ = ("attempt", "client_gone", "error", "finished", "live", "reason", "task", "watcher")
+    __slots__ = ("attempt", "client_gone", "error", "finished", "live", "log", "reason", "task", "watcher")
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
+    def __init__(self, task: asyncio.Task[Any], log: RequestLog) -> None:
         self.task = task
+        self.log = log
         self.attempt = 0
         self.live = False  # an attempt is under way
         self.client_gone = False
@@ -142,10 +146,12 @@ class PDProxy:
         *,
         timeout: float,
         rng: random.Random,
+        metrics: Metrics,
         max_attempts: int = 1,
         backoff: float = 0.0,
-        forward_headers: frozenset[bytes] = frozenset({b"authorization", b"x-request-id", b"traceparent"}),
+        forward_headers: frozenset[bytes] = frozenset({b"authorization", b"traceparent"}),
     ) -> None:
+        self.metrics = metrics
         self.membership = membership
         self.selector = selector
         self.sender = sender
@@ -186,15 +192,16 @@ class PDProxy:
         return UpstreamTimeout(f"the request did not finish within {self.timeout:g} s")
 
     async def forward(
-        self, scope: Scope, receive: Receive, send: Send, body: bytes, info: RequestInfo
+        self, scope: Scope, receive: Receive, send: Send, body: bytes, info: RequestInfo, log: RequestLog
     ) -> None:
-        headers: Headers = []
+        """Answer the client through `send` (the request log's wrapper)."""
+        headers: Headers = [(b"x-request-id", log.rid)]
         for name, value in scope["headers"]:
             if name in self.forward_headers:
                 headers.append((name, value))
         task = asyncio.current_task()
         assert task is not None
-        exchange = _Exchange(task)
+        exchange = _Exchange(task, log)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         timer = loop.call_at(deadline, exchange.interrupt, "timeout", self._timeout_error())
@@ -205,7 +212,7 @@ class PDProxy:
                 if exchange.client_gone:
                     return
                 if loop.time() >= deadline:
-                    await send_error(send, self._timeout_error())
+                    await send_error(send, self._timeout_error(), request_id=log.rid)
                     return
                 exchange.attempt = attempt
                 prefill, decode = self.pick(avoid)
@@ -215,18 +222,19 @@ class PDProxy:
                     return
                 except _Retry as retry:
                     avoid.add(retry.server.id)
+                    self.metrics.retry()
                     logger.warning("attempt %d failed, retrying on another pair: %s",
                                    attempt, retry.error.message)
                     await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
         except NoServerAvailable as error:
-            await send_error(send, error)
+            await send_error(send, error, request_id=log.rid)
         except asyncio.CancelledError:
             # Between two attempts: the client left, or the time ran out.
             if exchange.reason not in ("client", "timeout"):
                 raise
             task.uncancel()
             if exchange.reason == "timeout" and exchange.error is not None:
-                await send_error(send, exchange.error)
+                await send_error(send, exchange.error, request_id=log.rid)
         finally:
             exchange.finished = True
             timer.cancel()
@@ -234,9 +242,20 @@ class PDProxy:
             if exchange.watcher is not None:
                 exchange.watcher.cancel()
 
-    async def _prefill(self, server: Server, path: str, headers: Headers, payload: bytes) -> bytes:
+    async def _post(self, server: Server, path: str, headers: Headers, payload: bytes) -> RawResponse:
+        """Send to one server, counting the request, its errors and its time to respond."""
+        start = time.perf_counter()
         try:
             response = await self.sender.post(server, path, headers, payload)
+        except httpx.TransportError as exc:
+            self.metrics.upstream(server, time.perf_counter() - start, failed=True)
+            raise transport_error(server, exc) from None
+        self.metrics.upstream(server, time.perf_counter() - start, failed=response.status >= 500)
+        return response
+
+    async def _prefill(self, server: Server, path: str, headers: Headers, payload: bytes) -> bytes:
+        response = await self._post(server, path, headers, payload)
+        try:
             body = await _read_all(response)
         except httpx.TransportError as exc:
             raise transport_error(server, exc) from None
@@ -258,9 +277,12 @@ class PDProxy:
         last: bool,
     ) -> None:
         """One attempt on one pair; raises _Retry when another pair may succeed."""
-        payload = inject(
-            body, encode_fields(prefill.bootstrap_host, prefill.bootstrap_port, self._rooms(info))
-        )
+        rooms = self._rooms(info)
+        payload = inject(body, encode_fields(prefill.bootstrap_host, prefill.bootstrap_port, rooms))
+        log = exchange.log
+        log.prefill, log.decode, log.room = prefill.url, decode.url, rooms
+        self.metrics.selected(prefill)
+        self.metrics.selected(decode)
         task = exchange.task
         exchange.reason = exchange.error = None
         exchange.live = True
@@ -272,10 +294,9 @@ class PDProxy:
         response: RawResponse | None = None
         started = False
         try:
-            try:
-                response = await self.sender.post(decode, path, headers, payload)
-            except httpx.TransportError as exc:
-                raise transport_error(decode, exc) from None
+            sent_at = time.perf_counter()
+            response = await self._post(decode, path, headers, payload)
+            log.upstream_ttfb = time.perf_counter() - sent_at
             if response.status >= 400:
                 raise status_error(decode, response.status, await _read_all(response))
             content_type = response.header(b"content-type") or b"application/json"
@@ -323,11 +344,11 @@ class PDProxy:
                 logger.info("client went away; closed %s and %s", prefill.url, decode.url)
                 return
             assert exchange.error is not None
-            await self._fail(send, exchange.error, started, last or exchange.reason == "timeout")
+            await self._fail(send, exchange.error, started, last or exchange.reason == "timeout", log.rid)
         except HTTPError as error:
-            await self._fail(send, error, started, last)
+            await self._fail(send, error, started, last, log.rid)
         except httpx.TransportError as exc:
-            await self._fail(send, transport_error(decode, exc), started, last)
+            await self._fail(send, transport_error(decode, exc), started, last, log.rid)
         finally:
             exchange.live = False
             if not prefill_task.done():
@@ -337,17 +358,17 @@ class PDProxy:
             add(SERVER_IN_FLIGHT + 8 * prefill.id, -1)
             add(SERVER_IN_FLIGHT + 8 * decode.id, -1)
 
-    async def _fail(self, send: Send, error: HTTPError, started: bool, last: bool) -> None:
+    async def _fail(self, send: Send, error: HTTPError, started: bool, last: bool, rid: bytes) -> None:
         if isinstance(error, ServerFailed) and not started and not last:
             raise _Retry(error, error.server)
         if error.status >= 500:
-            logger.warning("%s", error.message)
+            logger.warning("request %s: %s", rid.decode("latin-1"), error.message)
         if not started:
-            await send_error(send, error)
+            await send_error(send, error, request_id=rid)
             return
         await send({
             "type": "http.response.body",
-            "body": b"data: " + error.body() + b"\n\ndata: [DONE]\n\n",
+            "body": b"data: " + error.body(rid) + b"\n\ndata: [DONE]\n\n",
             "more_body": False,
         })
 

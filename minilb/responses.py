@@ -55,8 +55,10 @@ async def send_bytes(
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, error: HTTPError, extra: Headers | None = None) -> None:
+async def send_error(
+    send: Send, error: HTTPError, extra: Headers | None = None, request_id: bytes | None = None
+) -> None:
     headers = [*JSON_HEADERS, *(extra or ())]
     if isinstance(error, MethodNotAllowed):
         headers.append((b"allow", ", ".join(error.allowed).encode()))
-    await send_bytes(send, error.status, error.body(), headers)
+    await send_bytes(send, error.status, error.body(request_id), headers)

@@ -75,6 +75,9 @@ class SharedState:
         os.unlink(path)
         self.lock_fd = fd
         self.tickets = SharedCounter(self, TICKETS)
+        from minilb.metrics import new_buffer  # the metrics module sizes its own mapping
+
+        self.metrics = new_buffer()
 
     @property
     def lock_free(self) -> bool:

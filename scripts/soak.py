@@ -198,6 +198,7 @@ class Tally:
     lost: Counter[str] = field(default_factory=Counter)  # neither an answer nor an error
     kinds: Counter[str] = field(default_factory=Counter)
     lost_examples: list[str] = field(default_factory=list)
+    violations: Counter[str] = field(default_factory=Counter)  # answered, but against the protocol
 
     def lose(self, why: str, what: str) -> None:
         self.lost[why] += 1
@@ -282,6 +283,8 @@ async def one_request(client: httpx.AsyncClient, url: str, rng: random.Random, t
         if not events or events[-1] != "[DONE]":
             tally.lose("truncated stream", f"{kind}: ...{data[-200:]!r}")
             return
+        if events.count("[DONE]") > 1:
+            tally.violations["events after data: [DONE]"] += 1
         errors = [e for e in events[:-1] if e.startswith('{"error"')]
         if errors:
             code = error_shape(errors[-1].encode())
@@ -485,6 +488,7 @@ def main() -> int:
         print(f"requests lost: {lost} {dict(tally.lost)}")
         for example in tally.lost_examples:
             print(f"  lost: {example}")
+        print(f"protocol violations (answered, but wrongly): {dict(tally.violations) or 0}")
         print(f"faults injected: {dict(sorted(faults_done.items()))}")
         print(f"workers RSS at start: {worker_memory(list(rss_start), rss_start)}")
         print(f"workers RSS at end:   {worker_memory(workers_end)}")

@@ -578,6 +578,30 @@ def test_decode_down_at_start_leaves_the_rotation(pd: PD) -> None:
         lb.stop()
 
 
+def test_a_hung_prefill_does_not_hold_a_finished_stream() -> None:
+    # The prefill hangs, so the decode's pairing times out (1 s) and, as SGLang does once a
+    # stream has started, it sends an error event and [DONE]. The client's stream must end
+    # there, with one [DONE], not wait out minilb's timeout for the prefill and add another.
+    sims = start_sims(1, 1, pair_timeout=1.0)
+    lb = start_balancer(make_config(sims[:1], sims[1:], timeout_secs=4.0, max_attempts=1))
+    try:
+        sims[0].set_knobs(hang=True)
+        start = time.monotonic()
+        r = httpx.post(f"{lb.url}/generate", json={"text": "x", "stream": True, "sampling_params": SMALL},
+                       timeout=10)
+        elapsed = time.monotonic() - start
+        events = sse_data(r.text)
+        assert r.status_code == 200
+        assert events.count("[DONE]") == 1 and events[-1] == "[DONE]", events
+        assert "KVPoll.WaitingForInput" in json.loads(events[-2])["error"]["message"]
+        assert elapsed < 3.0, f"the stream ended {elapsed:.1f} s in, not at the decode's [DONE]"
+        assert wait_until(lambda: sims[0].stats()["in_flight"] == 0, 2.0)
+    finally:
+        lb.stop()
+        for sim in sims:
+            sim.stop()
+
+
 @pytest.fixture(scope="module")
 def more_sims() -> Iterator[list[SimProc]]:
     sims = start_sims(1, 1)

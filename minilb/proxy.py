@@ -302,12 +302,12 @@ class PDProxy:
             content_type = response.header(b"content-type") or b"application/json"
             if not info.stream:
                 answer = await _read_all(response)
-                prefill_body = await _wait(prefill_task)
                 if info.return_logprob:
-                    answer = logprobs.merge_json(answer, prefill_body)
+                    answer = logprobs.merge_json(answer, await _wait(prefill_task))
                 exchange.finished = True
                 out = [(b"content-type", content_type), (b"content-length", b"%d" % len(answer))]
                 await send_bytes(send, response.status, answer, out)
+                await _settle(prefill_task)
                 return
             merger = None
             if info.return_logprob:
@@ -330,12 +330,12 @@ class PDProxy:
                     started = True
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             tail = merger.flush() if merger is not None else b""
-            await _wait(prefill_task)
             exchange.finished = True
             if not started:
                 await send(start)
                 started = True
             await send({"type": "http.response.body", "body": tail})
+            await _settle(prefill_task)
         except asyncio.CancelledError:
             if exchange.reason is None:
                 raise  # the server is shutting down: not ours to swallow
@@ -394,6 +394,18 @@ async def _wait(prefill_task: asyncio.Task[bytes]) -> bytes:
         await asyncio.sleep(0)
         raise UpstreamFailed("prefill request did not complete")
     return prefill_task.result()
+
+
+# How long a prefill may take to finish after its decode did. In SGLang the prefill
+# answers once the KV cache is sent, before the decode can finish, so this is only
+# for a prefill that is stuck: its connection is closed after this long.
+_PREFILL_GRACE = 1.0
+
+
+async def _settle(prefill_task: asyncio.Task[bytes]) -> None:
+    """Let the prefill's answer end cleanly (so its connection is reused), within a grace."""
+    if not prefill_task.done():
+        await asyncio.wait((prefill_task,), timeout=_PREFILL_GRACE)
 
 
 async def _watch_disconnect(receive: Receive, exchange: _Exchange) -> None:

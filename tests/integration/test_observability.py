@@ -76,7 +76,8 @@ def test_metrics_are_whole_across_four_workers(sims: list[SimProc]) -> None:
             assert sample(text, "minilb_request_duration_seconds_count", route="/generate") == 450
             assert sample(text, "minilb_time_to_first_byte_seconds_count", route="/generate") == 40
             for group in (prefills, decodes):
-                picks = [sample(text, "minilb_pair_selections_total", server=s.url, role=s.role) for s in group]
+                picks = [sample(text, "minilb_pair_selections_total", server=s.url, role=s.role)
+                         for s in group]
                 assert picks == [220, 220]
                 sent = [sample(text, "minilb_upstream_requests_total", server=s.url, role=s.role)
                         for s in group]
@@ -134,7 +135,8 @@ def test_json_access_log_has_one_line_per_request(sims: list[SimProc]) -> None:
     lb = start_balancer(make_config(prefills[:1], decodes[:1], access_log="json"))
     try:
         httpx.post(f"{lb.url}/generate", json={"text": "x"}, headers={"x-request-id": "log-1"})
-        httpx.post(f"{lb.url}/generate", json={"text": "x", "stream": True}, headers={"x-request-id": "log-2"})
+        httpx.post(f"{lb.url}/generate", json={"text": "x", "stream": True},
+                   headers={"x-request-id": "log-2"})
         httpx.get(f"{lb.url}/nowhere", headers={"x-request-id": "log-3"})
         lines = {}
         for line in lb.output().splitlines():

@@ -426,7 +426,8 @@ async def run(args: argparse.Namespace, sims: list[Sim], lb: Proc, url: str) -> 
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    # SIGTERM as Ctrl-C: asyncio.run turns SIGINT into a clean cancellation of the load.
+    signal.raise_signal(signal.SIGINT)
 
 
 def start_time(pid: int) -> str | None:
@@ -450,6 +451,7 @@ def main() -> int:
     lb: Proc | None = None
     lost = 0
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     try:
         for sim in sims:
             sim.start()

@@ -58,6 +58,28 @@ def start_sims(n_prefill: int, n_decode: int, pair_timeout: float = 5.0) -> list
 
 
 @pytest.fixture(scope="module")
+def sims(request: pytest.FixtureRequest) -> Iterator[list[SimProc]]:
+    """Simulators for a whole module; it sets `SIMS = (prefills, decodes)` (default 1, 1)."""
+    n_prefill, n_decode = getattr(request.module, "SIMS", (1, 1))
+    procs = start_sims(n_prefill, n_decode)
+    yield procs
+    for sim in procs:
+        sim.stop()
+
+
+@pytest.fixture
+def clean_sims(sims: list[SimProc]) -> None:
+    """Knobs off and counters at zero before a test."""
+    for sim in sims:
+        sim.set_knobs(**KNOBS_OFF)
+        sim.reset()
+
+
+def split(sims: list[SimProc]) -> tuple[list[SimProc], list[SimProc]]:
+    return [s for s in sims if s.role == "prefill"], [s for s in sims if s.role == "decode"]
+
+
+@pytest.fixture(scope="module")
 def pd() -> Iterator[PD]:
     """One prefill, one decode and minilb under uvicorn, for the whole module."""
     sims = start_sims(1, 1)

@@ -13,23 +13,11 @@ import httpx
 import pytest
 
 from tests.balancer import Balancer, make_config, start_balancer
-from tests.integration.conftest import KNOBS_OFF, start_sims, wait_until
+from tests.integration.conftest import KNOBS_OFF, wait_until
 from tests.procs import SimProc, free_port
 
-
-@pytest.fixture(scope="module")
-def sims() -> Iterator[list[SimProc]]:
-    procs = start_sims(1, 1)
-    yield procs
-    for sim in procs:
-        sim.stop()
-
-
-@pytest.fixture(autouse=True)
-def _clean(sims: list[SimProc]) -> None:
-    for sim in sims:
-        sim.set_knobs(**KNOBS_OFF)
-        sim.reset()
+SIMS = (1, 1)
+pytestmark = pytest.mark.usefixtures("clean_sims")
 
 
 @pytest.fixture(scope="module")

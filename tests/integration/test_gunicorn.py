@@ -15,22 +15,13 @@ import httpx
 import pytest
 
 from tests.balancer import Balancer, make_config, start_balancer
-from tests.integration.conftest import start_sims
+from tests.integration.conftest import split
 from tests.procs import SimProc
 
 pytestmark = pytest.mark.gunicorn
 
 
-@pytest.fixture(scope="module")
-def sims() -> Iterator[list[SimProc]]:
-    procs = start_sims(2, 3)
-    yield procs
-    for sim in procs:
-        sim.stop()
-
-
-def split(sims: list[SimProc]) -> tuple[list[SimProc], list[SimProc]]:
-    return [s for s in sims if s.role == "prefill"], [s for s in sims if s.role == "decode"]
+SIMS = (2, 3)
 
 
 def counts(sims: list[SimProc]) -> list[int]:

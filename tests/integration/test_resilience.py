@@ -12,27 +12,11 @@ import httpx
 import pytest
 
 from tests.balancer import Balancer, make_config, start_balancer
-from tests.integration.conftest import KNOBS_OFF, start_sims, wait_until
+from tests.integration.conftest import split, wait_until
 from tests.procs import SimProc, start_sim
 
-
-@pytest.fixture(scope="module")
-def sims() -> Iterator[list[SimProc]]:
-    procs = start_sims(2, 2)
-    yield procs
-    for sim in procs:
-        sim.stop()
-
-
-@pytest.fixture(autouse=True)
-def _clean(sims: list[SimProc]) -> None:
-    for sim in sims:
-        sim.set_knobs(**KNOBS_OFF)
-        sim.reset()
-
-
-def split(sims: list[SimProc]) -> tuple[list[SimProc], list[SimProc]]:
-    return [s for s in sims if s.role == "prefill"], [s for s in sims if s.role == "decode"]
+SIMS = (2, 2)
+pytestmark = pytest.mark.usefixtures("clean_sims")
 
 
 def generated(sims: list[SimProc]) -> list[int]:

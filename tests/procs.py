@@ -56,6 +56,11 @@ class SimProc:
         result: dict[str, Any] = response.json()
         return result
 
+    def last_request(self, path: str = "/generate") -> dict[str, Any] | None:
+        """The newest request the simulator saw on `path` (health probes land there too)."""
+        seen = [r for r in self.stats()["recent_requests"] if r["path"] == path]
+        return seen[-1] if seen else None
+
     def reset(self) -> None:
         httpx.post(f"{self.url}/_sim/reset", timeout=5.0).raise_for_status()
 

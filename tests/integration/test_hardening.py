@@ -57,7 +57,7 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def upstream_body(sim: SimProc) -> dict[str, Any]:
     """The last generation body a simulator saw, parsed strictly (a repeated key fails)."""
-    body: dict[str, Any] = json.loads(sim.stats()["recent_requests"][-1]["body"],
+    body: dict[str, Any] = json.loads(sim.last_request()["body"],
                                       object_pairs_hook=no_duplicate_keys)
     return body
 
@@ -312,7 +312,7 @@ def test_chunked_bodies_reach_the_servers_intact(pd: PD, client: httpx.Client, s
     r = client.post("/generate", content=chunks())
     assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
     assert r.status_code == 200, r.text[:300]
-    seen = pd.decodes[0].stats()["recent_requests"][-1]["body"].encode()
+    seen = pd.decodes[0].last_request()["body"].encode()
     assert seen.endswith(raw[1:])  # every byte after the opening brace, as sent
 
 

@@ -96,13 +96,13 @@ def test_request_id_reaches_both_servers_and_comes_back(sims: list[SimProc]) -> 
         r = httpx.post(f"{lb.url}/generate", json={"text": "x"}, headers={"x-request-id": "trace-42"})
         assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
         for sim in (prefills[0], decodes[0]):
-            seen = sim.stats()["recent_requests"][-1]["headers"]
+            seen = sim.last_request()["headers"]
             assert seen["x-request-id"] == "trace-42", sim.role
         # Without one, minilb makes one up, and it is the same everywhere.
         r = httpx.post(f"{lb.url}/generate", json={"text": "x"})
         made = r.headers["x-request-id"]
         assert re.fullmatch(r"[0-9a-f]{32}", made)
-        assert decodes[0].stats()["recent_requests"][-1]["headers"]["x-request-id"] == made
+        assert decodes[0].last_request()["headers"]["x-request-id"] == made
         # Errors carry it in the body too.
         decodes[0].set_knobs(fail_next=1, fail_status=500)
         r = httpx.post(f"{lb.url}/generate", json={"text": "x"}, headers={"x-correlation-id": "c-7"})

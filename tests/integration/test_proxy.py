@@ -142,7 +142,7 @@ def test_other_fields_reach_the_servers_byte_for_byte(pd: PD) -> None:
     )
     assert httpx.post(f"{pd.url}/generate", content=raw).status_code == 200
     for sim in (pd.prefills[0], pd.decodes[0]):
-        seen = sim.stats()["recent_requests"][-1]["body"].encode()
+        seen = sim.last_request()["body"].encode()
         assert seen.endswith(raw[1:]), seen
 
 

@@ -31,12 +31,12 @@ class RequestLog:
     """Filled in while a request is handled; `send` wraps the ASGI send to observe the answer."""
 
     __slots__ = (
-        "_send", "bytes", "decode", "first_byte", "method", "path", "prefill", "rid", "room",
+        "bytes", "decode", "first_byte", "method", "path", "prefill", "raw_send", "rid", "room",
         "start", "status", "streamed", "upstream_ttfb",
     )
 
     def __init__(self, scope: Scope, send: Send, rid: bytes) -> None:
-        self._send = send
+        self.raw_send = send  # the server's own send, for the stream's hot loop
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self.rid = rid
@@ -60,7 +60,7 @@ class RequestLog:
                 self.first_byte = time.perf_counter() - self.start
                 self.streamed = message.get("more_body", False)
             self.bytes += len(body)
-        await self._send(message)
+        await self.raw_send(message)
 
     def line(self, kind: AccessLog, seconds: float) -> str:
         fields = {

@@ -117,17 +117,22 @@ def status_error(server: Server, status: int, body: bytes) -> HTTPError:
 
 
 def transport_error(server: Server, exc: Exception) -> HTTPError:
-    if isinstance(exc, httpx.TimeoutException):
+    # A connect timeout is a server out of reach, like a refused connection: worth a
+    # retry elsewhere. Other timeouts come from the request's own deadline.
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
         return UpstreamTimeout(f"{server.role} server {server.url} timed out: {exc}")
     return ServerFailed(f"{server.role} server {server.url} failed: {exc}", server)
 
 
 async def _read_all(response: RawResponse) -> bytes:
-    stream = response.stream
+    read = response.read
+    chunks = []
     try:
-        return b"".join([chunk async for chunk in stream])
+        while chunk := await read():
+            chunks.append(chunk)
     finally:
-        await stream.aclose()
+        await response.stream.aclose()
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 # A request shorter than this never starts a disconnect watcher: a task per
@@ -320,15 +325,20 @@ class PDProxy:
             }
             # The client's response starts with the decode's first event, not its
             # headers: a failure before then can still be retried or answered plainly.
-            async for chunk in response.stream:
+            read, raw_send = response.read, log.raw_send
+            while chunk := await read():
                 if merger is not None:
                     chunk = merger.feed(chunk)
                     if not chunk:
                         continue
-                if not started:
+                if started:
+                    # The hot loop of a stream: past the request log's wrapper.
+                    log.bytes += len(chunk)
+                    await raw_send({"type": "http.response.body", "body": chunk, "more_body": True})
+                else:
                     await send(start)
                     started = True
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
             tail = merger.flush() if merger is not None else b""
             exchange.finished = True
             if not started:

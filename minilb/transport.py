@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httptools
 import httpx
@@ -171,9 +171,13 @@ class _Connection(asyncio.Protocol):
 
 
 class RawResponse:
-    """A response head and its body stream, without httpx's objects (the hot path)."""
+    """A response head and its body, without httpx's objects (the hot path).
 
-    __slots__ = ("headers", "status", "stream")
+    `read()` returns the next piece of the body, b"" at its end; `stream.aclose()`
+    gives the connection back (or closes it when the body was not read to its end).
+    """
+
+    __slots__ = ("headers", "read", "status", "stream")
 
     def __init__(
         self, status: int, headers: list[tuple[bytes, bytes]], stream: httpx.AsyncByteStream
@@ -181,6 +185,9 @@ class RawResponse:
         self.status = status
         self.headers = headers
         self.stream = stream
+        self.read: Callable[[], Awaitable[bytes]] = (
+            stream.receive if isinstance(stream, _ResponseStream) else _reader(stream)
+        )
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -189,9 +196,22 @@ class RawResponse:
         return None
 
 
+def _reader(stream: httpx.AsyncByteStream) -> Callable[[], Awaitable[bytes]]:
+    chunks = stream.__aiter__()
+
+    async def read() -> bytes:
+        async for chunk in chunks:
+            if chunk:
+                return chunk
+        return b""
+
+    return read
+
+
 class _ResponseStream(httpx.AsyncByteStream):
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
+        self.receive = conn.receive
         self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:

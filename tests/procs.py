@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -182,3 +182,17 @@ def sse_events(response: httpx.Response) -> list[str]:
         for block in response.text.split("\n\n")
         if block.startswith("data: ")
     ]
+
+
+@contextlib.contextmanager
+def sim_pair(pair_timeout: float = 5.0) -> Iterator[tuple[SimProc, SimProc]]:
+    """A prefill and a decode simulator, stopped on exit."""
+    prefill = start_sim("prefill", pair_timeout=pair_timeout)
+    try:
+        decode = start_sim("decode", pair_timeout=pair_timeout)
+        try:
+            yield prefill, decode
+        finally:
+            decode.stop()
+    finally:
+        prefill.stop()

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.procs import SimProc, pd_fields, post, post_both, sse_events, start_sim
+from tests.procs import SimProc, pd_fields, post, post_both, sim_pair, sse_events, start_sim
 
 TIMEOUT = 1.0
 DEFAULT_KNOBS: dict[str, Any] = {
@@ -38,15 +38,8 @@ DEFAULT_KNOBS: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def pd() -> Iterator[tuple[SimProc, SimProc]]:
-    prefill = start_sim("prefill", pair_timeout=TIMEOUT)
-    try:
-        decode = start_sim("decode", pair_timeout=TIMEOUT)
-        try:
-            yield prefill, decode
-        finally:
-            decode.stop()
-    finally:
-        prefill.stop()
+    with sim_pair(TIMEOUT) as pair:
+        yield pair
 
 
 @pytest.fixture(autouse=True)

@@ -10,20 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.procs import SimProc, pd_fields, post_both, sse_events, start_sim
+from tests.procs import SimProc, pd_fields, post_both, sim_pair, sse_events
 
 
 @pytest.fixture(scope="module")
 def pd() -> Iterator[tuple[SimProc, SimProc]]:
-    prefill = start_sim("prefill", pair_timeout=2.0)
-    try:
-        decode = start_sim("decode", pair_timeout=2.0)
-        try:
-            yield prefill, decode
-        finally:
-            decode.stop()
-    finally:
-        prefill.stop()
+    with sim_pair(2.0) as pair:
+        yield pair
 
 
 @pytest.fixture(autouse=True)

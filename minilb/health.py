@@ -64,11 +64,16 @@ class Prober:
         self.leader = False
 
     async def _probe(self, server: Server) -> bool:
+        """Healthy unless the server cannot be reached, times out or answers 5xx.
+
+        SGLang answers /health with 200, or 503 when it is unwell; a 4xx means a
+        server that is up but has no such route, which is no reason to drop it.
+        """
         try:
             response = await self.client.get(f"{server.url}/health", timeout=self.timeout)
         except httpx.HTTPError:
             return False
-        return response.status_code == 200
+        return response.status_code < 500
 
     async def probe_once(self) -> None:
         servers = self.membership.servers().all()

@@ -70,12 +70,22 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._head is not None and not self._complete:
+        head = self._head
+        if head is not None and not self._complete:
             if not self._got_bytes and self.reused:
                 self._fail(_StaleConnection())
+            elif exc is None and head.done() and self._ends_at_close():
+                self._complete = True  # a body delimited by the end of the connection
+                self._keep_alive = False
+                self._wake()
             else:
                 self._fail(httpx.ReadError(f"{self._pool.origin} closed the connection"))
         self._pool.forget(self)
+
+    def _ends_at_close(self) -> bool:
+        """The response has neither Content-Length nor chunked framing (old HTTP/1.0 style)."""
+        names = {name.lower() for name, _ in self._headers}
+        return b"content-length" not in names and b"transfer-encoding" not in names
 
     # httptools callbacks
 

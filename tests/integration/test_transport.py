@@ -1,0 +1,130 @@
+"""The lean transport against real sockets: framing, keep-alive, flow control, failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from minilb.transport import LeanTransport
+
+
+async def serve(handler: object) -> tuple[asyncio.Server, str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)  # type: ignore[arg-type]
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+async def shut(server: asyncio.Server) -> None:
+    await asyncio.sleep(0.1)  # let handlers see their client go and close their side
+    server.close()
+    await server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+def test_body_ended_by_close_chunked_and_keep_alive() -> None:
+    async def main() -> None:
+        connections = 0
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            while True:
+                try:
+                    request = await read_request(reader)
+                except asyncio.IncompleteReadError:
+                    break
+                if b"/close" in request:
+                    writer.write(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end")
+                    await writer.drain()
+                    break
+                if b"/chunked" in request:
+                    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                                 b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+                else:
+                    writer.write(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+
+        server, url = await serve(handler)
+        transport = LeanTransport()
+        async with httpx.AsyncClient(transport=transport) as client:
+            r = await client.post(f"{url}/x", content=b"{}")
+            assert (r.status_code, r.text) == (201, "ok")
+            r = await client.get(f"{url}/chunked")
+            assert r.text == "hello world"
+            assert connections == 1  # both on one keep-alive connection
+            r = await client.get(f"{url}/close")
+            assert r.text == "until the end"
+            r = await client.post(f"{url}/x", content=b"{}")
+            assert r.status_code == 201 and connections == 2
+        assert transport.open_connections == 0
+        await shut(server)
+
+    asyncio.run(main())
+
+
+def test_connection_errors_are_httpx_errors() -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+
+        server, url = await serve(handler)
+        async with httpx.AsyncClient(transport=LeanTransport()) as client:
+            with pytest.raises(httpx.ReadError):
+                await client.get(f"{url}/truncated")
+            await shut(server)
+            with pytest.raises(httpx.ConnectError):
+                await client.get(f"{url}/gone")
+
+    asyncio.run(main())
+
+
+def test_a_slow_reader_stops_the_socket_reads() -> None:
+    async def main() -> None:
+        sent = 0
+        blocked = asyncio.Event()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal sent
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            piece = b"x" * 65536
+            try:
+                for _ in range(2000):  # 128 MiB if nothing pushed back
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    try:
+                        await asyncio.wait_for(writer.drain(), 0.5)
+                    except TimeoutError:
+                        blocked.set()
+                        return
+                    sent += len(piece)
+            finally:
+                writer.close()
+
+        server, url = await serve(handler)
+        transport = LeanTransport()
+        request = httpx.Request("GET", f"{url}/big")
+        response = await transport.handle_async_request(request)
+        await asyncio.wait_for(blocked.wait(), 10)
+        # The transport buffers at most its high-water mark; the kernel holds the rest.
+        assert sent < 32 * 1024 * 1024
+        await response.aclose()
+        await transport.aclose()
+        await shut(server)
+
+    asyncio.run(main())

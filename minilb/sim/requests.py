@@ -24,7 +24,7 @@ class _GenerateView(msgspec.Struct):
     input_ids: list[Any] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     stream: bool = False
-    return_logprob: bool | list[bool] = False
+    return_logprob: bool | list[bool] | None = None  # SGLang's is Optional
     rid: str | list[str] | None = None
     bootstrap_host: str | list[str | None] | None = None
     bootstrap_port: int | list[int | None] | None = None
@@ -154,7 +154,7 @@ def parse_generate(body: bytes, default_max: int) -> GenRequest:
         items=items,
         batch=batch,
         stream=view.stream,
-        return_logprob=any(logprob) if isinstance(logprob, list) else logprob,
+        return_logprob=any(logprob) if isinstance(logprob, list) else bool(logprob),
         include_usage=False,
         model=None,
     )

@@ -70,6 +70,7 @@ class Runtime:
             metrics=self.metrics,
             max_attempts=config.max_attempts,
             backoff=config.retry_backoff_secs,
+            stream_window=config.stream_coalesce_ms / 1000,
             # With a client key, the client's Authorization is minilb's, not the servers'.
             forward_headers=_FORWARDED - {b"authorization"} if config.api_key else _FORWARDED,
         )

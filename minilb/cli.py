@@ -123,6 +123,13 @@ InFlightOpt = Annotated[
 HealthOpt = Annotated[
     float | None, typer.Option(envvar="MINILB_HEALTH_INTERVAL", help="Seconds between health checks [5].")
 ]
+CoalesceOpt = Annotated[
+    float | None,
+    typer.Option(
+        envvar="MINILB_STREAM_COALESCE_MS",
+        help="Stream events arriving within this many ms of the last write go out together [2; 0: off].",
+    ),
+]
 AdminKeyOpt = Annotated[
     str | None, typer.Option(envvar="MINILB_ADMIN_KEY", help="Bearer key for the admin routes.")
 ]
@@ -147,6 +154,7 @@ def serve(
     max_attempts: AttemptsOpt = None,
     max_in_flight: InFlightOpt = None,
     health_check_interval_secs: HealthOpt = None,
+    stream_coalesce_ms: CoalesceOpt = None,
     admin_key: AdminKeyOpt = None,
     api_key: ApiKeyOpt = None,
 ) -> None:
@@ -158,7 +166,8 @@ def serve(
             config_file, prefill, decode, host=host, port=port, policy=policy, workers=workers,
             timeout_secs=timeout_secs, max_body_bytes=max_body_bytes, log_level=log_level,
             access_log=access_log, max_attempts=max_attempts, max_in_flight=max_in_flight,
-            health_check_interval_secs=health_check_interval_secs, admin_key=admin_key, api_key=api_key,
+            health_check_interval_secs=health_check_interval_secs, stream_coalesce_ms=stream_coalesce_ms,
+            admin_key=admin_key, api_key=api_key,
         )
     except ConfigError as error:
         raise _fail(error) from None

@@ -154,6 +154,7 @@ class PDProxy:
         metrics: Metrics,
         max_attempts: int = 1,
         backoff: float = 0.0,
+        stream_window: float = 0.0,
         forward_headers: frozenset[bytes] = frozenset({b"authorization", b"traceparent"}),
     ) -> None:
         self.metrics = metrics
@@ -163,6 +164,7 @@ class PDProxy:
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.backoff = backoff
+        self.stream_window = stream_window
         self.forward_headers = forward_headers
         self._rng = rng
         self._add = membership.shared.add
@@ -326,7 +328,9 @@ class PDProxy:
             # The client's response starts with the decode's first event, not its
             # headers: a failure before then can still be retried or answered plainly.
             read, raw_send = response.read, log.raw_send
-            while chunk := await read():
+            window, clock = self.stream_window, asyncio.get_running_loop().time
+            not_before = 0.0
+            while chunk := await read(not_before):
                 if merger is not None:
                     chunk = merger.feed(chunk)
                     if not chunk:
@@ -339,6 +343,9 @@ class PDProxy:
                     await send(start)
                     started = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if window:
+                    # Events that follow within the window go out together (see Config).
+                    not_before = clock() + window
             tail = merger.flush() if merger is not None else b""
             exchange.finished = True
             if not started:

@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
+from typing import Protocol
 
 import httptools
 import httpx
@@ -50,6 +51,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = True
         self._error: Exception | None = None
         self._got_bytes = False
+        self._held = False  # reading paused by receive(not_before)
 
     # asyncio.Protocol
 
@@ -138,11 +140,13 @@ class _Connection(asyncio.Protocol):
         self._transport.write(data)
         return self._head
 
-    async def receive(self) -> bytes:
+    async def receive(self, not_before: float = 0.0) -> bytes:
         """All of the response body that has arrived and was not read yet; b"" at its end.
 
         Pieces that arrived together are joined, so a burst of stream events goes
-        on to the client in one write instead of one write per event.
+        on to the client in one write instead of one write per event. A piece that
+        arrives before `not_before` (a loop time) waits until then for the pieces
+        behind it.
         """
         chunks = self._chunks
         while not chunks:
@@ -155,6 +159,9 @@ class _Connection(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
+        ready = self._complete or self._error is not None or self._paused
+        if not_before and not ready and self._pool.loop.time() < not_before:
+            await self._hold(not_before)
         chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered = 0
@@ -162,6 +169,36 @@ class _Connection(asyncio.Protocol):
             self._paused = False
             self._transport.resume_reading()
         return chunk
+
+    async def _hold(self, until: float) -> None:
+        """Leave what follows in the socket until `until`, then read it all in one go.
+
+        Reading is paused meanwhile, so the events of a burst cost neither a read
+        nor a wake-up each; the upstream server's writes only fill the socket buffer.
+        """
+        assert self._transport is not None
+        loop = self._pool.loop
+        self._waiter = waiter = loop.create_future()
+        self._held = True
+        self._transport.pause_reading()
+        timer = loop.call_at(until, self._end_hold, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if self._held:  # cancelled before the time was up
+                timer.cancel()
+                self._held = False
+                if not self.closed:
+                    self._transport.resume_reading()
+
+    def _end_hold(self, waiter: asyncio.Future[None]) -> None:
+        self._held = False
+        if not self.closed and self._transport is not None:
+            self._transport.resume_reading()
+        # A callback scheduled by a callback runs after the loop's next poll (in
+        # asyncio and uvloop alike), so the reader wakes to what the socket held.
+        self._pool.loop.call_soon(self._pool.loop.call_soon, _resolve, waiter)
 
     def finish(self) -> None:
         """Give the connection back to the pool when the response ended cleanly, else close."""
@@ -180,11 +217,21 @@ class _Connection(asyncio.Protocol):
             self._pool.forget(self)
 
 
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class Reader(Protocol):
+    def __call__(self, not_before: float = 0.0, /) -> Awaitable[bytes]: ...
+
+
 class RawResponse:
     """A response head and its body, without httpx's objects (the hot path).
 
-    `read()` returns the next piece of the body, b"" at its end; `stream.aclose()`
-    gives the connection back (or closes it when the body was not read to its end).
+    `read()` returns the next piece of the body, b"" at its end (`read(not_before)`:
+    see `_Connection.receive`); `stream.aclose()` gives the connection back (or
+    closes it when the body was not read to its end).
     """
 
     __slots__ = ("headers", "read", "status", "stream")
@@ -195,7 +242,7 @@ class RawResponse:
         self.status = status
         self.headers = headers
         self.stream = stream
-        self.read: Callable[[], Awaitable[bytes]] = (
+        self.read: Reader = (
             stream.receive if isinstance(stream, _ResponseStream) else _reader(stream)
         )
 
@@ -206,10 +253,10 @@ class RawResponse:
         return None
 
 
-def _reader(stream: httpx.AsyncByteStream) -> Callable[[], Awaitable[bytes]]:
+def _reader(stream: httpx.AsyncByteStream) -> Reader:
     chunks = stream.__aiter__()
 
-    async def read() -> bytes:
+    async def read(not_before: float = 0.0, /) -> bytes:
         async for chunk in chunks:
             if chunk:
                 return chunk

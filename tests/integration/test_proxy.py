@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.balancer import make_config, start_balancer
 from tests.integration.conftest import PD, wait_until
 
 
@@ -81,6 +82,37 @@ def test_stream_passes_events_through_as_they_arrive(pd: PD) -> None:
     # stream would deliver everything in one burst at the end.
     assert len(arrivals) >= 3
     assert arrivals[-1] - arrivals[0] > 0.5
+
+
+def event_arrivals(url: str, body: dict[str, Any]) -> list[tuple[float, str]]:
+    """Each SSE event of a stream with the time it was complete at the client."""
+    arrivals: list[tuple[float, str]] = []
+    buffer = ""
+    start = time.monotonic()
+    with httpx.stream("POST", f"{url}/generate", json=body, timeout=10) as r:
+        assert r.status_code == 200
+        for text in r.iter_text():
+            buffer += text
+            *events, buffer = buffer.split("\n\n")
+            arrivals += [(time.monotonic() - start, e.removeprefix("data: ")) for e in events]
+    return arrivals
+
+
+def test_events_close_together_go_out_together_but_never_the_first(pd: PD) -> None:
+    lb = start_balancer(make_config(pd.prefills, pd.decodes, stream_coalesce_ms=300))
+    try:
+        pd.decodes[0].set_knobs(ttft=0.05, itl=0.02)
+        body = {"text": "hi", "sampling_params": {"max_new_tokens": 8}, "stream": True}
+        arrivals = event_arrivals(lb.url, body)
+    finally:
+        lb.stop()
+    times = [t for t, _ in arrivals]
+    assert [json.loads(e)["text"] for _, e in arrivals[:-1]][-1] == " ".join(f"tok{i}" for i in range(8))
+    assert arrivals[-1][1] == "[DONE]"
+    # The first event goes out as it arrives; the 7 behind it (140 ms) and the end
+    # wait out the 300 ms window after it and go out together.
+    assert times[1] - times[0] > 0.2
+    assert times[-1] - times[1] < 0.1
 
 
 def test_batch_gets_lists_with_distinct_rooms(pd: PD) -> None:

@@ -128,3 +128,73 @@ def test_a_slow_reader_stops_the_socket_reads() -> None:
         await shut(server)
 
     asyncio.run(main())
+
+
+async def _paced_server(pieces: list[bytes], gap: float) -> tuple[asyncio.Server, str, list[int]]:
+    """A server answering each request with `pieces` as chunks, `gap` seconds apart."""
+    connections: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                await read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                for i, piece in enumerate(pieces):
+                    if i:
+                        await asyncio.sleep(gap)
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server, url = await serve(handler)
+    return server, url, connections
+
+
+def test_a_read_with_not_before_gathers_the_pieces_behind_it() -> None:
+    async def main() -> None:
+        pieces = [b"data: %d\n\n" % i for i in range(6)]
+        server, url, connections = await _paced_server(pieces, gap=0.01)
+        transport = LeanTransport()
+        loop = asyncio.get_running_loop()
+        for _ in range(2):  # the second time on the same connection, kept alive across the hold
+            response = await transport.send_raw(httpx.URL(f"{url}/s"), b"GET /s HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert await response.read() == pieces[0]
+            # Without a hold the next read returns the next piece alone ...
+            assert await response.read() == pieces[1]
+            # ... with one, it returns every piece sent within the hold (40 ms of 300).
+            assert await response.read(loop.time() + 0.3) == b"".join(pieces[2:])
+            assert await response.read(loop.time() + 0.3) == b""
+            await response.stream.aclose()
+        assert len(connections) == 1
+        await transport.aclose()
+        await shut(server)
+
+    asyncio.run(main())
+
+
+def test_a_read_cancelled_in_its_hold_leaves_no_connection() -> None:
+    async def main() -> None:
+        pieces = [b"data: %d\n\n" % i for i in range(4)]
+        server, url, _ = await _paced_server(pieces, gap=0.05)
+        transport = LeanTransport()
+        loop = asyncio.get_running_loop()
+        response = await transport.send_raw(httpx.URL(f"{url}/s"), b"GET /s HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert await response.read() == pieces[0]
+        reading = asyncio.ensure_future(response.read(loop.time() + 5))
+        await asyncio.sleep(0.1)  # piece 1 is in; the read holds for the rest
+        assert not reading.done()
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        await response.stream.aclose()
+        assert transport.open_connections == 0
+        await transport.aclose()
+        await shut(server)
+
+    asyncio.run(main())

@@ -599,6 +599,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--minilb-ref", default=None,
                         help="benchmark minilb (and run the simulators) as committed at this git "
                              "ref, e.g. HEAD, instead of the working tree")
+    parser.add_argument("--backend", choices=("sim", "fast"), default="sim",
+                        help="sim: `minilb sim` prefill and decode (default); fast: the stand-in "
+                             "scripts/fast_backend.py, cheap enough that the balancer's core fills first")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench_peers.md",
                         help="markdown report (raw rounds go beside it as .json)")
     args = parser.parse_args()
@@ -629,9 +632,17 @@ def export_minilb(ref: str, workdir: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(workdir)}
 
 
-def start_simulators(procs: Processes, workdir: Path) -> tuple[int, int, int]:
+def start_simulators(procs: Processes, workdir: Path, backend: str) -> tuple[int, int, int]:
     prefill, bootstrap, decode = free_port(), free_port(), free_port()
     pin = ["taskset", "-c", LOAD_CORE]
+    if backend == "fast":
+        # One process, both roles; it does no pairing, so nothing listens on `bootstrap`.
+        argv = [*pin, sys.executable, str(ROOT / "scripts" / "fast_backend.py"), "--host", HOST,
+                "--prefill-port", str(prefill), "--decode-port", str(decode)]
+        proc = procs.start(argv, workdir / "fast-backend.log")
+        for port in (prefill, decode):
+            wait_http(f"http://{HOST}:{port}/health", proc, None, timeout=30)
+        return prefill, bootstrap, decode
     for role, port, extra in (("prefill", prefill, ["--bootstrap-port", str(bootstrap)]),
                               ("decode", decode, [])):
         argv = [*pin, *MINILB, "sim", "--role", role, "--host", HOST, "--port", str(port), *extra]
@@ -666,8 +677,9 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
                "stream": write_lua(workdir, "stream", generate_body(50, True))}
         if args.minilb_ref:
             procs.minilb_env = export_minilb(args.minilb_ref, workdir)
-        ports = start_simulators(procs, workdir)
-        log(f"simulators: prefill :{ports[0]} (bootstrap :{ports[1]}), decode :{ports[2]}")
+        ports = start_simulators(procs, workdir, args.backend)
+        what = "simulators" if args.backend == "sim" else "fast backend"
+        log(f"{what}: prefill :{ports[0]} (bootstrap :{ports[1]}), decode :{ports[2]}")
         bench = Bench(args, procs, workdir, wrk, router_python, *ports, lua=lua)
         for rnd in range(1, args.rounds + 1):
             order = list(args.balancers)
@@ -679,8 +691,9 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
                 bench.run_direct(rnd)
         report = markdown(summarize(bench.results), args.balancers)
     source = f"minilb from {args.minilb_ref}" if args.minilb_ref else "minilb from the working tree"
-    header = (f"{source}; {args.rounds} round(s) x {args.duration:g} s per scenario; medians over rounds; "
-              f"balancer on core {LB_CORE}, wrk + simulators on core {LOAD_CORE}")
+    backend = "minilb sim" if args.backend == "sim" else "scripts/fast_backend.py"
+    header = (f"{source}; backend {backend}; {args.rounds} round(s) x {args.duration:g} s per scenario; "
+              f"medians over rounds; balancer on core {LB_CORE}, wrk + backend on core {LOAD_CORE}")
     print(f"\n{header}\n\n{report}\n", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(f"{header}\n\n{report}\n")

@@ -19,6 +19,11 @@ tree (utime + stime from /proc), RSS per worker at idle and after the round.
 
     .venv/bin/python scripts/bench_peers.py                 # 3 rounds of 10 s
     .venv/bin/python scripts/bench_peers.py --rounds 1 --duration 3
+    .venv/bin/python scripts/bench_peers.py --backend fast  # scripts/fast_backend.py instead
+
+With `minilb sim` as the backend, wrk and the simulators fill their core before
+a fast balancer fills its own; `--backend fast` swaps in a stand-in server that
+costs a fraction as much (no pairing), so the balancers' own limits show.
 
 The benchmark-only tools (sglang-router 0.3.2 in .bench/venv, wrk from apt)
 are installed on first use and stay out of the test suite.

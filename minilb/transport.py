@@ -196,9 +196,10 @@ class _Connection(asyncio.Protocol):
         self._held = False
         if not self.closed and self._transport is not None:
             self._transport.resume_reading()
-        # A callback scheduled by a callback runs after the loop's next poll (in
-        # asyncio and uvloop alike), so the reader wakes to what the socket held.
-        self._pool.loop.call_soon(self._pool.loop.call_soon, _resolve, waiter)
+        # Resolved one callback later, the waiter wakes the reader after the loop's
+        # next poll (asyncio and uvloop alike), so it finds what the socket held;
+        # resolved here, the reader would run first and find nothing new.
+        self._pool.loop.call_soon(_resolve, waiter)
 
     def finish(self) -> None:
         """Give the connection back to the pool when the response ended cleanly, else close."""

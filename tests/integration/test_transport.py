@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import pytest
+import uvloop
 
 from minilb.transport import LeanTransport
 
@@ -156,7 +157,10 @@ async def _paced_server(pieces: list[bytes], gap: float) -> tuple[asyncio.Server
     return server, url, connections
 
 
-def test_a_read_with_not_before_gathers_the_pieces_behind_it() -> None:
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_read_with_not_before_gathers_the_pieces_behind_it(loop_kind: str) -> None:
+    """Both loops must read the socket before the held reader wakes (see _end_hold)."""
+
     async def main() -> None:
         pieces = [b"data: %d\n\n" % i for i in range(6)]
         server, url, connections = await _paced_server(pieces, gap=0.01)
@@ -175,7 +179,7 @@ def test_a_read_with_not_before_gathers_the_pieces_behind_it() -> None:
         await transport.aclose()
         await shut(server)
 
-    asyncio.run(main())
+    (uvloop.run if loop_kind == "uvloop" else asyncio.run)(main())
 
 
 def test_a_read_cancelled_in_its_hold_leaves_no_connection() -> None:

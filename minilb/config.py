@@ -70,7 +70,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
     # A stream event that arrives within this many ms of the previous write to the
     # client waits, unread, until that much time has passed, and goes out with the
-    # events behind it in one write. The first event never waits, and no event
+    # events behind it in one write. The first two writes never wait, and no event
     # waits longer than this. 0 writes every piece as it arrives.
     stream_coalesce_ms: Annotated[float, Meta(ge=0, le=1000)] = 2.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"

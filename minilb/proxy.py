@@ -330,6 +330,7 @@ class PDProxy:
             read, raw_send = response.read, log.raw_send
             window, clock = self.stream_window, asyncio.get_running_loop().time
             not_before = 0.0
+            writes = 0
             while chunk := await read(not_before):
                 if merger is not None:
                     chunk = merger.feed(chunk)
@@ -343,8 +344,11 @@ class PDProxy:
                     await send(start)
                     started = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if window:
-                    # Events that follow within the window go out together (see Config).
+                writes += 1
+                if window and writes > 1:
+                    # Events that follow within the window go out together (see Config),
+                    # after the first two writes: a chat stream opens with a role-only
+                    # event right before the one that carries the first token.
                     not_before = clock() + window
             tail = merger.flush() if merger is not None else b""
             exchange.finished = True

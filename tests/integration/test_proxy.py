@@ -84,12 +84,12 @@ def test_stream_passes_events_through_as_they_arrive(pd: PD) -> None:
     assert arrivals[-1] - arrivals[0] > 0.5
 
 
-def event_arrivals(url: str, body: dict[str, Any]) -> list[tuple[float, str]]:
+def event_arrivals(url: str, body: dict[str, Any], path: str = "/generate") -> list[tuple[float, str]]:
     """Each SSE event of a stream with the time it was complete at the client."""
     arrivals: list[tuple[float, str]] = []
     buffer = ""
     start = time.monotonic()
-    with httpx.stream("POST", f"{url}/generate", json=body, timeout=10) as r:
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=10) as r:
         assert r.status_code == 200
         for text in r.iter_text():
             buffer += text
@@ -98,7 +98,7 @@ def event_arrivals(url: str, body: dict[str, Any]) -> list[tuple[float, str]]:
     return arrivals
 
 
-def test_events_close_together_go_out_together_but_never_the_first(pd: PD) -> None:
+def test_events_close_together_go_out_together_after_the_first_two(pd: PD) -> None:
     lb = start_balancer(make_config(pd.prefills, pd.decodes, stream_coalesce_ms=300))
     try:
         pd.decodes[0].set_knobs(ttft=0.05, itl=0.02)
@@ -109,10 +109,29 @@ def test_events_close_together_go_out_together_but_never_the_first(pd: PD) -> No
     times = [t for t, _ in arrivals]
     assert [json.loads(e)["text"] for _, e in arrivals[:-1]][-1] == " ".join(f"tok{i}" for i in range(8))
     assert arrivals[-1][1] == "[DONE]"
-    # The first event goes out as it arrives; the 7 behind it (140 ms) and the end
-    # wait out the 300 ms window after it and go out together.
-    assert times[1] - times[0] > 0.2
-    assert times[-1] - times[1] < 0.1
+    # The first two events go out as they arrive, 20 ms apart; the 6 behind them
+    # (120 ms) and the end wait out the 300 ms window and go out together.
+    assert times[1] - times[0] < 0.15
+    assert times[2] - times[1] > 0.2
+    assert times[-1] - times[2] < 0.1
+
+
+def test_a_chat_streams_first_token_never_waits_for_the_window(pd: PD) -> None:
+    lb = start_balancer(make_config(pd.prefills, pd.decodes, stream_coalesce_ms=300))
+    try:
+        pd.decodes[0].set_knobs(ttft=0.05, itl=0.01)
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+                "stream": True}
+        arrivals = event_arrivals(lb.url, body, "/v1/chat/completions")
+    finally:
+        lb.stop()
+    chunks = [(t, json.loads(e)) for t, e in arrivals if e != "[DONE]"]
+    assert chunks[0][1]["choices"][0]["delta"]["role"] == "assistant"
+    first_token = next(t for t, c in chunks if c["choices"][0]["delta"].get("content"))
+    # The role-only event, then the first token 50 ms later: neither waits; the
+    # tokens behind them do, for the 300 ms window.
+    assert first_token - arrivals[0][0] < 0.15
+    assert arrivals[-1][0] - first_token > 0.2
 
 
 def test_batch_gets_lists_with_distinct_rooms(pd: PD) -> None:
